@@ -1,0 +1,336 @@
+"""config/models.yaml: the typed schema and a loader that validates each model on its own.
+
+The file has three top-level keys::
+
+    settings:  {artifact_root: ..., llama_cpp_dir: ...}   # one per deployment
+    defaults:  {...}                                      # deep-merged under every model entry
+    models:    {<name>: {...}, ...}                       # one DAG per entry
+
+A problem with the file as a whole (YAML syntax, ``models`` not a mapping, bad settings) raises
+:class:`ConfigError`. A problem inside one model entry is collected per model, so one bad entry breaks
+only that model's DAG. Strings may use ``${VAR}`` or ``${VAR:-default}``; paths may start with ``~``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from include.errors import ConfigError
+from include.expand import expand_env, expand_path
+
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+QUANT_NAME = re.compile(r"^[A-Z0-9_]+$")
+STAGES = ("download", "merge", "quantize", "install", "health", "publish")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalSource(_Strict):
+    """Checkpoints in a directory on this machine (or a mounted volume)."""
+
+    kind: Literal["local"]
+    path: str = Field(description="directory that holds the checkpoint-* directories")
+    checkpoint_glob: str = "checkpoint-*"
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        return expand_path(value)
+
+
+class SSHSource(_Strict):
+    """Checkpoints on a training box reached through an Airflow SSH connection."""
+
+    kind: Literal["ssh"]
+    ssh_conn_id: str
+    remote_dir: str = Field(description="absolute directory on the box that holds the checkpoint-* directories")
+    checkpoint_glob: str = "checkpoint-*"
+
+    @field_validator("remote_dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"remote_dir must be an absolute path on the training box, got {value!r}")
+        return value
+
+
+class MergeSettings(_Strict):
+    """How the adapter is merged into the base model."""
+
+    backend: Literal["streaming"] = "streaming"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_shard_mb: int = Field(2048, gt=0)
+
+
+class QuantizeSettings(_Strict):
+    """Which GGUF files are produced."""
+
+    types: list[str] = Field(default_factory=lambda: ["Q8_0", "Q4_K_M"], min_length=1)
+    outtype: Literal["f16", "bf16", "f32"] = "f16"
+    min_type_fraction: float = Field(0.5, gt=0, le=1)
+
+    @field_validator("types")
+    @classmethod
+    def _names(cls, values: list[str]) -> list[str]:
+        normalised = [v.strip().upper() for v in values]
+        for value in normalised:
+            if not QUANT_NAME.match(value):
+                raise ValueError(f"{value!r} is not a llama.cpp quantization type name (e.g. Q4_K_M, Q8_0)")
+        if len(set(normalised)) != len(normalised):
+            raise ValueError(f"duplicate quantization types in {values!r}")
+        return normalised
+
+
+class LMStudioSettings(_Strict):
+    """Where and under which names the GGUFs are installed for LM Studio."""
+
+    models_dir: str = "~/.lmstudio/models"
+    publisher: str = Field("lora-deploy", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    repo: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    endpoint: str | None = Field(None, description="live OpenAI-compatible server (LM Studio) checked after install")
+
+    @field_validator("models_dir")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        return expand_path(value)
+
+
+class HFSettings(_Strict):
+    """Publication to a Hugging Face model repo and (optionally) a Space."""
+
+    repo_id: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    space_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    private: bool = True
+    conn_id: str = "huggingface_default"
+    space_hardware: str = "cpu-basic"
+
+
+class HealthSettings(_Strict):
+    """The smoke test of the produced GGUF and the optional live check."""
+
+    prompt: str = "Say hello."
+    max_tokens: int = Field(16, gt=0)
+    startup_timeout_s: float = Field(120, gt=0)
+    max_latency_s: float = Field(60, gt=0)
+    min_tokens_per_s: float = Field(0, ge=0)
+
+
+class RetryPolicy(_Strict):
+    """Retries of one stage; unset fields come from ``retry.default``."""
+
+    retries: int | None = Field(None, ge=0)
+    delay_s: float | None = Field(None, ge=0)
+    backoff: float | None = Field(None, ge=0, description="exponential multiplier; 0 turns backoff off")
+    max_delay_s: float | None = Field(None, gt=0)
+
+
+class RetrySettings(_Strict):
+    """Retry policy per stage."""
+
+    default: RetryPolicy = RetryPolicy(retries=2, delay_s=30, backoff=2.0, max_delay_s=600)
+    download: RetryPolicy = RetryPolicy(retries=5)
+    merge: RetryPolicy = RetryPolicy()
+    quantize: RetryPolicy = RetryPolicy()
+    install: RetryPolicy = RetryPolicy()
+    health: RetryPolicy = RetryPolicy()
+    publish: RetryPolicy = RetryPolicy(retries=4)
+
+    def for_stage(self, stage: str) -> RetryPolicy:
+        """The stage's policy with the defaults filled in."""
+        own = getattr(self, stage).model_dump(exclude_none=True)
+        return RetryPolicy(**{**self.default.model_dump(exclude_none=True), **own})
+
+
+class NotifySettings(_Strict):
+    """Where run results are reported."""
+
+    slack_conn_id: str | None = "slack_webhook_default"
+
+
+class ModelConfig(_Strict):
+    """One model: where its adapter comes from and how it is deployed."""
+
+    name: str
+    description: str = ""
+    base_model: str = Field(description="local directory of the base model (or a Hugging Face repo id in the cache)")
+    source: Annotated[LocalSource | SSHSource, Field(discriminator="kind")]
+    merge: MergeSettings = MergeSettings()
+    quantize: QuantizeSettings = QuantizeSettings()
+    lmstudio: LMStudioSettings = LMStudioSettings()
+    hf: HFSettings | None = None
+    health: HealthSettings = HealthSettings()
+    schedule: str | None = None
+    retry: RetrySettings = RetrySettings()
+    notify: NotifySettings = NotifySettings()
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not MODEL_NAME.match(value):
+            raise ValueError(
+                f"model name {value!r} must be 1-63 lowercase letters, digits, '_' or '-' (it becomes the DAG id)"
+            )
+        return value
+
+    @field_validator("base_model")
+    @classmethod
+    def _base(cls, value: str) -> str:
+        return expand_path(value) if value.startswith(("~", "/", "./", "../")) else value
+
+    @model_validator(mode="after")
+    def _schedule(self) -> ModelConfig:
+        if self.schedule is not None and not self.schedule.startswith("@"):
+            from croniter import croniter
+
+            if not croniter.is_valid(self.schedule):
+                raise ValueError(f"schedule {self.schedule!r} is not a valid cron expression")
+        return self
+
+    @property
+    def dag_id(self) -> str:
+        """The id of this model's deploy DAG."""
+        return f"deploy_{self.name}"
+
+    @property
+    def lmstudio_repo(self) -> str:
+        """The repo directory under the publisher in the LM Studio models tree."""
+        return self.lmstudio.repo or f"{self.name}-GGUF"
+
+
+class Settings(_Strict):
+    """Deployment-wide settings."""
+
+    artifact_root: str = "${AIRFLOW_HOME:-~/airflow}/lora-deploy/artifacts"
+    llama_cpp_dir: str | None = Field(None, description="a llama.cpp checkout to use instead of the pinned one")
+
+    @field_validator("artifact_root", "llama_cpp_dir")
+    @classmethod
+    def _expand(cls, value: str | None) -> str | None:
+        return None if value is None else expand_path(value)
+
+
+@dataclass
+class LoadedConfig:
+    """The result of loading a config file: valid models, and an error per invalid model."""
+
+    path: Path
+    settings: Settings
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    errors: dict[str, ConfigError] = field(default_factory=dict)
+
+
+def default_config_path() -> Path:
+    """``$LORA_DEPLOY_CONFIG`` or the project's ``config/models.yaml``."""
+    env = os.environ.get("LORA_DEPLOY_CONFIG")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "config" / "models.yaml"
+
+
+def load_config(path: Path | None = None) -> LoadedConfig:
+    """Read and validate a config file; per-model problems land in ``errors``, file-level ones raise."""
+    path = Path(path) if path else default_config_path()
+    raw = _read_yaml(path)
+    settings = _validate_settings(raw.get("settings") or {}, path)
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: 'defaults' must be a mapping, got {type(defaults).__name__}",
+                          fix="write `defaults:` as key: value pairs or remove it")
+    loaded = LoadedConfig(path=path, settings=settings)
+    for name, entry in raw["models"].items():
+        try:
+            loaded.models[str(name)] = validate_model(str(name), entry, defaults)
+        except ConfigError as err:
+            loaded.errors[str(name)] = err
+    return loaded
+
+
+def validate_model(name: str, entry: Any, defaults: dict[str, Any] | None = None) -> ModelConfig:
+    """Validate one model entry (with the defaults merged under it) or raise a ConfigError naming it."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"the entry must be a mapping of settings, got {entry!r}", model=name,
+                          fix="write the model's settings as key: value pairs under its name")
+    try:
+        merged = expand_env(_deep_merge(defaults or {}, entry), where=f"models.{name}")
+        return ModelConfig(name=name, **merged)
+    except ConfigError as err:
+        raise err.for_model(name) from None
+    except ValidationError as err:
+        raise ConfigError(_describe(err, name), model=name, fix=_fix_for(err, name)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror}",
+                          fix="create it (see config/models.example.yaml) or set LORA_DEPLOY_CONFIG") from err
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}", fix="correct the YAML syntax at the line shown") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with 'models:'",
+                          fix="see config/models.example.yaml")
+    unknown = sorted(set(raw) - {"settings", "defaults", "models"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {unknown}",
+                          fix="only 'settings', 'defaults' and 'models' are allowed at the top level")
+    if not isinstance(raw.get("models"), dict) or not raw["models"]:
+        raise ConfigError(f"{path}: 'models' must be a non-empty mapping of model name -> settings",
+                          fix="add at least one model under `models:`")
+    return raw
+
+
+def _validate_settings(raw: Any, path: Path) -> Settings:
+    try:
+        return Settings(**expand_env(raw, where="settings"))
+    except (TypeError, ValidationError) as err:
+        raise ConfigError(f"{path}: invalid settings: {err}", fix="see config/models.example.yaml") from None
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _location(error: dict[str, Any]) -> str:
+    # Discriminated unions put the tag in the location ("source.local.path"); drop it for readers.
+    parts = [str(p) for p in error["loc"] if p not in ("local", "ssh")]
+    return ".".join(parts) or "(entry)"
+
+
+def _describe(err: ValidationError, name: str) -> str:
+    problems = []
+    for error in err.errors():
+        problems.append(f"field 'models.{name}.{_location(error)}': {error['msg']} (got {error.get('input')!r})")
+    return "; ".join(problems)
+
+
+def _fix_for(err: ValidationError, name: str) -> str:
+    fixes = []
+    for error in err.errors():
+        where = f"models.{name}.{_location(error)}"
+        kind = error["type"]
+        if kind == "missing":
+            fixes.append(f"add `{where}`")
+        elif kind == "extra_forbidden":
+            fixes.append(f"remove `{where}` or correct its spelling")
+        elif kind == "union_tag_invalid" or kind == "union_tag_not_found":
+            fixes.append(f"set `models.{name}.source.kind` to 'local' or 'ssh'")
+        else:
+            fixes.append(f"correct `{where}` as the message says")
+    return "; ".join(dict.fromkeys(fixes))

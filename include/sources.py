@@ -1,0 +1,168 @@
+"""Where adapters come from: a local directory or a training box over SSH (SFTP + remote sha256sum).
+
+A source lists checkpoint directories with their modification times, lists the files of one checkpoint
+with the sha256 computed on the source side, and fetches those files. Which checkpoint to take and how
+to store it is :mod:`include.download`'s job.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+import shlex
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Protocol
+
+from include.errors import SourceError
+from include.hashing import sha256_file
+
+if TYPE_CHECKING:
+    import paramiko
+
+log = logging.getLogger(__name__)
+
+# What a deploy needs from a checkpoint; optimizer and RNG states stay on the box.
+WANTED_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer*", "special_tokens_map.json",
+                "chat_template*", "added_tokens.json", "vocab.json", "merges.txt")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint directory on the source."""
+
+    name: str
+    mtime: float
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of a checkpoint as the source announces it."""
+
+    name: str
+    bytes: int
+    sha256: str
+
+
+class AdapterSource(Protocol):
+    """What the download stage needs from any source."""
+
+    description: str
+
+    def list_checkpoints(self) -> list[Checkpoint]: ...
+
+    def list_files(self, checkpoint: str) -> list[SourceFile]: ...
+
+    def fetch(self, checkpoint: str, files: list[SourceFile], dest: Path) -> None: ...
+
+
+def check_name(name: str, what: str) -> str:
+    """Reject names that could escape a directory or reach a shell (``..``, ``/``, metacharacters)."""
+    if not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise SourceError(f"refusing {what} {name!r}: only letters, digits and ._+- are allowed in names",
+                          fix="rename it on the training box")
+    return name
+
+
+def _wanted(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in WANTED_FILES)
+
+
+class LocalSource:
+    """Checkpoints in a local directory."""
+
+    def __init__(self, root: Path, checkpoint_glob: str = "checkpoint-*") -> None:
+        self.root = Path(root)
+        self.checkpoint_glob = checkpoint_glob
+        self.description = f"local directory {str(self.root)!r}"
+
+    def list_checkpoints(self) -> list[Checkpoint]:
+        """Checkpoint directories matching the glob."""
+        if not self.root.is_dir():
+            raise SourceError(f"the adapter source directory {str(self.root)!r} does not exist",
+                              fix="create it or correct source.path")
+        return [Checkpoint(p.name, p.stat().st_mtime) for p in self.root.iterdir()
+                if p.is_dir() and fnmatch.fnmatchcase(p.name, self.checkpoint_glob)]
+
+    def list_files(self, checkpoint: str) -> list[SourceFile]:
+        """The wanted files of a checkpoint, hashed here."""
+        directory = self.root / check_name(checkpoint, "checkpoint")
+        return [SourceFile(p.name, p.stat().st_size, sha256_file(p))
+                for p in sorted(directory.iterdir()) if p.is_file() and _wanted(p.name)]
+
+    def fetch(self, checkpoint: str, files: list[SourceFile], dest: Path) -> None:
+        """Copy the files into ``dest``."""
+        for item in files:
+            shutil.copyfile(self.root / checkpoint / check_name(item.name, "file"), dest / item.name)
+
+
+class SSHSource:
+    """Checkpoints on a remote box, through an open paramiko client (host key already checked by the caller)."""
+
+    def __init__(self, client: paramiko.SSHClient, remote_dir: str, checkpoint_glob: str = "checkpoint-*",
+                 description: str = "") -> None:
+        self.client = client
+        self.remote_dir = PurePosixPath(remote_dir)
+        self.checkpoint_glob = checkpoint_glob
+        self.description = description or f"remote directory {str(self.remote_dir)!r}"
+        self._sftp: paramiko.SFTPClient | None = None
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        """One SFTP session for the life of this source."""
+        if self._sftp is None:
+            self._sftp = self.client.open_sftp()
+        return self._sftp
+
+    def list_checkpoints(self) -> list[Checkpoint]:
+        """Checkpoint directories matching the glob (listed over SFTP: no shell involved)."""
+        try:
+            entries = self.sftp.listdir_attr(str(self.remote_dir))
+        except FileNotFoundError as err:
+            raise SourceError(f"{self.description} does not exist on the training box",
+                              fix="check source.remote_dir and that training wrote its checkpoints there") from err
+        return [Checkpoint(e.filename, float(e.st_mtime or 0)) for e in entries
+                if stat.S_ISDIR(e.st_mode or 0) and fnmatch.fnmatchcase(e.filename, self.checkpoint_glob)]
+
+    def list_files(self, checkpoint: str) -> list[SourceFile]:
+        """The wanted files of a checkpoint with sizes, and sha256 computed on the box by ``sha256sum``."""
+        directory = self.remote_dir / check_name(checkpoint, "checkpoint")
+        entries = [e for e in self.sftp.listdir_attr(str(directory))
+                   if stat.S_ISREG(e.st_mode or 0) and _wanted(e.filename)]
+        if not entries:
+            return []
+        names = [check_name(e.filename, "file") for e in entries]
+        hashes = self._remote_sha256(directory, names)
+        return [SourceFile(e.filename, int(e.st_size or 0), hashes[e.filename]) for e in entries]
+
+    def _remote_sha256(self, directory: PurePosixPath, names: list[str]) -> dict[str, str]:
+        command = f"cd {shlex.quote(str(directory))} && sha256sum -- " + " ".join(shlex.quote(n) for n in names)
+        _, stdout, stderr = self.client.exec_command(command, timeout=3600)
+        output = stdout.read().decode()
+        status = stdout.channel.recv_exit_status()
+        if status != 0:
+            raise SourceError(f"sha256sum failed on the training box (exit {status}): {stderr.read().decode()[-300:]}",
+                              fix="make sure coreutils' sha256sum exists there and the files are readable")
+        hashes = {}
+        for line in output.splitlines():
+            digest, _, name = line.partition("  ")
+            hashes[name.lstrip("*")] = digest
+        return hashes
+
+    def fetch(self, checkpoint: str, files: list[SourceFile], dest: Path) -> None:
+        """Copy the files over SFTP into ``dest``."""
+        directory = self.remote_dir / checkpoint
+        for item in files:
+            remote = str(directory / check_name(item.name, "file"))
+            log.info("fetching %s (%.1f MB)", remote, item.bytes / 1e6)
+            self.sftp.get(remote, str(dest / item.name))
+
+    def close(self) -> None:
+        """Close the SFTP session (the SSH client belongs to the caller)."""
+        if self._sftp is not None:
+            self._sftp.close()
+            self._sftp = None

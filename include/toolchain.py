@@ -1,0 +1,155 @@
+"""The pinned llama.cpp toolchain: one llama-cpp-python sdist gives the converter, gguf-py and the quantizer.
+
+This module uses only the standard library so that the setup scripts can run it with the system
+Python before the project's virtualenv exists (``python3 -m include.toolchain ensure``).
+
+Layout of the cache (``$LORA_DEPLOY_CACHE``, default ``~/.cache/lora-deploy``)::
+
+    llama-cpp-python-0.3.36/
+        llama_cpp_python-0.3.36.tar.gz   the sdist, sha256-checked
+        src/                             the extracted sdist (vendor/llama.cpp holds the converter)
+        wheels/                          the wheel built from that sdist (built once, ~10 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from include.hashing import sha256_file
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+
+
+class ToolchainError(RuntimeError):
+    """The pinned llama.cpp toolchain is missing, corrupt or could not be built."""
+
+
+def cache_root() -> Path:
+    """Return the directory that holds downloaded and built tools."""
+    return Path(os.environ.get("LORA_DEPLOY_CACHE", Path.home() / ".cache" / "lora-deploy")).expanduser()
+
+
+@dataclass(frozen=True)
+class LlamaCppToolchain:
+    """Paths of one llama.cpp source tree: the converter script and its vendored gguf-py."""
+
+    source_dir: Path
+    version: str
+
+    @property
+    def converter(self) -> Path:
+        """``convert_hf_to_gguf.py`` of this tree."""
+        return self.source_dir / "convert_hf_to_gguf.py"
+
+    @property
+    def gguf_py(self) -> Path:
+        """The gguf-py package directory that must go first on the converter's PYTHONPATH."""
+        return self.source_dir / "gguf-py"
+
+    def check(self) -> None:
+        """Raise ToolchainError naming what is missing and how to get it."""
+        for path in (self.converter, self.gguf_py / "gguf" / "__init__.py"):
+            if not path.is_file():
+                raise ToolchainError(
+                    f"llama.cpp toolchain incomplete: {str(path)!r} does not exist; run "
+                    f"`python3 -m include.toolchain ensure` (or point llama_cpp.source_dir at a llama.cpp checkout)"
+                )
+
+
+def pinned_dir() -> Path:
+    """Directory of the pinned toolchain inside the cache."""
+    return cache_root() / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}"
+
+
+def pinned_toolchain() -> LlamaCppToolchain:
+    """The toolchain extracted from the pinned sdist (not checked: call ``check()``)."""
+    return LlamaCppToolchain(
+        source_dir=pinned_dir() / "src" / "vendor" / "llama.cpp",
+        version=f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}",
+    )
+
+
+def ensure_sdist(python: str) -> Path:
+    """Download the pinned sdist once and verify its sha256."""
+    target = pinned_dir() / SDIST_NAME
+    if target.is_file() and sha256_file(target) == SDIST_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        subprocess.run(
+            [python, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+             "-d", tmp, f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"],
+            check=True,
+        )
+        downloaded = Path(tmp) / SDIST_NAME
+        actual = sha256_file(downloaded)
+        if actual != SDIST_SHA256:
+            raise ToolchainError(f"{SDIST_NAME}: sha256 {actual} != pinned {SDIST_SHA256}; refusing to use it")
+        os.replace(downloaded, target)
+    return target
+
+
+def ensure_source(python: str) -> LlamaCppToolchain:
+    """Extract the verified sdist (atomically) so its converter and gguf-py can run."""
+    toolchain = pinned_toolchain()
+    src = pinned_dir() / "src"
+    if not (src / ".complete").is_file():
+        sdist = ensure_sdist(python)
+        with tempfile.TemporaryDirectory(dir=pinned_dir()) as tmp:
+            with tarfile.open(sdist) as archive:
+                archive.extractall(tmp, filter="data")
+            shutil.rmtree(src, ignore_errors=True)
+            os.replace(Path(tmp) / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}", src)
+        (src / ".complete").write_text(SDIST_SHA256 + "\n")
+    toolchain.check()
+    return toolchain
+
+
+def ensure_wheel(python: str) -> Path:
+    """Build the llama-cpp-python wheel from the verified sdist once; return its path."""
+    wheels = pinned_dir() / "wheels"
+    found = sorted(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}-*.whl"))
+    if found:
+        return found[-1]
+    sdist = ensure_sdist(python)
+    wheels.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    print(f"building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} from {sdist} (once; ~10 min on 2 cores)",
+          flush=True)
+    with tempfile.TemporaryDirectory(dir=pinned_dir()) as tmp:
+        subprocess.run([python, "-m", "pip", "wheel", "--no-deps", "-w", tmp, str(sdist)], check=True, env=env)
+        built = sorted(Path(tmp).glob("*.whl"))
+        if not built:
+            raise ToolchainError(f"pip wheel produced no wheel for {sdist}")
+        os.replace(built[0], wheels / built[0].name)
+        return wheels / built[0].name
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``ensure`` fetches, checks and builds everything and prints the wheel path."""
+    parser = argparse.ArgumentParser(prog="toolchain", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["ensure", "source-dir", "wheel"])
+    parser.add_argument("--python", default=sys.executable, help="interpreter whose pip downloads and builds")
+    args = parser.parse_args(argv)
+    if args.command == "source-dir":
+        print(ensure_source(args.python).source_dir)
+    elif args.command == "wheel":
+        print(ensure_wheel(args.python))
+    else:
+        ensure_source(args.python)
+        print(ensure_wheel(args.python))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

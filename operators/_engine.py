@@ -1,0 +1,22 @@
+"""What every lora-deploy operator shares: running an engine call with errors mapped to Airflow's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from airflow.sdk.exceptions import AirflowFailException
+
+from include.errors import LoraDeployError
+
+
+@contextmanager
+def engine_errors(model: str) -> Iterator[None]:
+    """Name the model in engine errors; fail at once (no retries) when retrying cannot help."""
+    try:
+        yield
+    except LoraDeployError as err:
+        err.for_model(model)
+        if not err.retryable:
+            raise AirflowFailException(str(err)) from err
+        raise

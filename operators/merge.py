@@ -1,0 +1,73 @@
+"""MergeOperator: merge the downloaded LoRA adapter into the base model (streaming, tensor by tensor)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+
+from include.artifacts import ArtifactStore
+from include.base_model import fingerprint, resolve_base_model
+from operators._engine import engine_errors
+
+MERGE_ENGINE_VERSION = "streaming-1"
+
+
+class MergeOperator(BaseOperator):
+    """Merge an adapter (the download stage's record) into ``base_model``; reuse an identical earlier merge.
+
+    :param model: the model's name in config/models.yaml.
+    :param adapter: the download record (``path``, ``sha256``, ``version``). (templated)
+    :param base_model: a local model directory or a Hugging Face repo id in the local cache. (templated)
+    :param artifact_root: root of the artifact store. (templated)
+    :param dtype: output dtype: auto, float32, float16 or bfloat16.
+    :param max_shard_mb: largest output shard.
+    :param force: merge again even if this merge exists. (templated)
+
+    Returns ``{"path", "key", "sha256", "bytes", "dtype", "adapter_version", "base_model", "reused"}``.
+    """
+
+    template_fields: Sequence[str] = ("adapter", "base_model", "artifact_root", "force")
+    ui_color = "#ede7f6"
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        adapter: Any,
+        base_model: str,
+        artifact_root: str,
+        dtype: str = "auto",
+        max_shard_mb: int = 2048,
+        force: bool | str = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.adapter = adapter
+        self.base_model = base_model
+        self.artifact_root = artifact_root
+        self.dtype = dtype
+        self.max_shard_mb = max_shard_mb
+        self.force = force
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Validate, merge into a temp dir of the store, return the record."""
+        from include.merge import merge_lora
+
+        with engine_errors(self.model):
+            base_dir = resolve_base_model(self.base_model)
+            adapter_dir = Path(self.adapter["path"])
+            inputs = {"adapter": self.adapter["sha256"], "base": fingerprint(base_dir), "dtype": self.dtype,
+                      "max_shard_mb": self.max_shard_mb, "engine": MERGE_ENGINE_VERSION}
+
+            def produce(tmp: Path) -> dict[str, Any]:
+                return merge_lora(base_dir, adapter_dir, tmp, dtype=self.dtype, expected_base=self.base_model,
+                                  max_shard_bytes=self.max_shard_mb * 1024 * 1024)
+
+            result = ArtifactStore(self.artifact_root).build(self.model, "merged", inputs, produce,
+                                                             force=bool(self.force))
+        return result.record(dtype=result.manifest.get("dtype", self.dtype), adapter_version=self.adapter["version"],
+                             base_model=self.base_model)

@@ -1,0 +1,1 @@
+"""Airflow plugins of lora-deploy (the Deployments view and operator extra links come with later issues)."""

@@ -1,0 +1,25 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: create or reuse .venv with everything installed.
+# Idempotent: a second run checks a stamp and returns in about a second.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PYTHON="${PYTHON:-python3}"
+export LORA_DEPLOY_CACHE="${LORA_DEPLOY_CACHE:-$HOME/.cache/lora-deploy}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+# The pinned llama.cpp: sdist (sha256-checked) -> converter source + a wheel built once and cached.
+WHEEL="$(cd "$ROOT" && "$VENV/bin/python" -m include.toolchain ensure --python "$VENV/bin/python" | tail -n 1)"
+
+STAMP="$VENV/.lora-deploy-stamp"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16) $(basename "$WHEEL")"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  echo "==> installing lora-deploy and its pinned dependencies into $VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade "pip>=25"
+  "$VENV/bin/python" -m pip install --quiet -c "$ROOT/constraints.txt" --find-links "$(dirname "$WHEEL")" \
+    -e "$ROOT[test]"
+  echo "$WANT" > "$STAMP"
+fi

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test suite: lint, then pytest (real Airflow, real sshd on 127.0.0.1, real llama.cpp, stand-ins for
+# the Hugging Face Hub and Slack). Extra arguments go to pytest, e.g. scripts/test.sh -k merge.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
+
+# The SSH tests need OpenSSH's server and rsync (started by the tests on 127.0.0.1, never as a service).
+if [ ! -x /usr/sbin/sshd ] || ! command -v rsync >/dev/null 2>&1; then
+  echo "==> installing openssh-server and rsync (apt)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends openssh-server rsync >/dev/null
+fi
+
+cd "$ROOT"
+"$VENV/bin/ruff" check .
+exec "$VENV/bin/python" -m pytest "$@"

@@ -1,0 +1,96 @@
+"""Session-wide test setup: an isolated Airflow home, cached tiny models, and the real/stand-in services.
+
+The environment is set here, at import, because Airflow reads its configuration when first imported.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="lora-deploy-tests-"))
+
+os.environ["AIRFLOW_HOME"] = str(SESSION_DIR / "airflow")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
+os.environ["LORA_DEPLOY_HOME"] = str(SESSION_DIR / "home")
+os.environ["LORA_DEPLOY_CONFIG"] = str(ROOT / "config" / "models.yaml")
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+for _secret in ("HF_TOKEN", "VAST_API_KEY"):
+    os.environ.pop(_secret, None)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the session's temp dir (models, stores, Airflow home) unless asked to keep it."""
+    if not os.environ.get("LORA_DEPLOY_KEEP_TEST_DIR"):
+        shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
+
+def _model_cache() -> Path:
+    """Generated models are cached across sessions, keyed by the generator's source."""
+    from include.hashing import sha256_file
+
+    digest = "".join(sha256_file(ROOT / "include" / name)[:8] for name in ("tiny_model.py", "demo.py"))
+    return Path(os.environ.get("LORA_DEPLOY_CACHE", Path.home() / ".cache" / "lora-deploy")) / "test-models" / digest
+
+
+@pytest.fixture(scope="session")
+def demo_inputs():
+    """The demo's base model and training box (two checkpoints), generated once and cached. Read-only."""
+    from include.demo import prepare_demo
+
+    return prepare_demo(_model_cache())
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """A migrated SQLite metadata DB in the session's Airflow home."""
+    from airflow.utils.db import initdb
+
+    initdb()
+
+
+@pytest.fixture(scope="session")
+def sshd() -> Iterator[object]:
+    """A real OpenSSH server on 127.0.0.1 (serving this machine's files) for the session."""
+    from tests.stand_ins.sshd import start_sshd
+
+    server = start_sshd(SESSION_DIR / "sshd")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def slack() -> Iterator[object]:
+    """A Slack webhook receiver on loopback."""
+    from tests.stand_ins.slack import SlackReceiver
+
+    with SlackReceiver() as receiver:
+        yield receiver
+        assert receiver.unknown_routes == []
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[object]:
+    """A Hugging Face Hub stand-in on loopback; the real client talks to it (Xet off, no saved token)."""
+    from huggingface_hub import constants
+
+    from tests.stand_ins.hf_hub import HubStandIn
+
+    assert constants.HF_HUB_DISABLE_XET, "HF_HUB_DISABLE_XET must be set before huggingface_hub is imported"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with HubStandIn() as stand_in:
+        yield stand_in
+        assert stand_in.unknown_routes == []

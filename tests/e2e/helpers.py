@@ -1,0 +1,36 @@
+"""Shared by the end-to-end tests: write a config, run a deploy DAG with ``dag.test()``, read its records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.conftest import ROOT
+
+STAGES = ("download", "merge", "quantize", "install", "health", "publish")
+
+
+def write_config(path: Path, name: str, entry: dict[str, Any], artifact_root: Path) -> Path:
+    """A config file with one model."""
+    path.write_text(yaml.safe_dump({"settings": {"artifact_root": str(artifact_root)},
+                                    "defaults": {"retry": {"default": {"retries": 1, "delay_s": 0}}},
+                                    "models": {name: entry}}))
+    return path
+
+
+def run_deploy(dag_id: str, conf: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """Parse the dags folder like the dag-processor, run ``dag_id`` in-process; return state and records."""
+    from airflow.dag_processing.dagbag import BundleDagBag
+
+    dags = ROOT / "dags"
+    bag = BundleDagBag(dag_folder=str(dags), bundle_path=dags, bundle_name="dags-folder")
+    assert dag_id in bag.dags, bag.import_errors
+    dag_run = bag.dags[dag_id].test(run_conf=conf or {})
+    records: dict[str, Any] = {}
+    for task_id in STAGES:
+        ti = dag_run.get_task_instance(task_id)
+        records[task_id] = {"state": str(ti.state) if ti else None,
+                            "xcom": ti.xcom_pull(task_ids=task_id) if ti else None}
+    return str(dag_run.state), records

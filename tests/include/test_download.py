@@ -1,0 +1,111 @@
+"""The download stage over a local directory and over a real OpenSSH server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from include.artifacts import ArtifactStore
+from include.download import download_adapter, select_checkpoint
+from include.errors import IntegrityError, SourceError
+from include.sources import Checkpoint, LocalSource, SSHSource, check_name
+
+
+@pytest.fixture
+def box(tmp_path, demo_inputs) -> Path:
+    """A private copy of the demo training box (tests may damage it)."""
+    copy = tmp_path / "box"
+    shutil.copytree(demo_inputs.training_box, copy)
+    for checkpoint in demo_inputs.training_box.iterdir():
+        stat = checkpoint.stat()
+        os.utime(copy / checkpoint.name, (stat.st_atime, stat.st_mtime))
+    return copy
+
+
+def test_selects_the_newest_by_time_then_number():
+    checkpoints = [Checkpoint("checkpoint-9", 5.0), Checkpoint("checkpoint-10", 5.0), Checkpoint("checkpoint-100", 1)]
+    assert select_checkpoint(checkpoints, None, where="x").name == "checkpoint-10"
+    assert select_checkpoint(checkpoints, "checkpoint-100", where="x").name == "checkpoint-100"
+
+
+def test_unknown_version_lists_the_available_ones():
+    with pytest.raises(SourceError) as err:
+        select_checkpoint([Checkpoint("checkpoint-2", 1), Checkpoint("checkpoint-10", 2)], "checkpoint-3", where="box")
+    assert "available: ['checkpoint-2', 'checkpoint-10']" in str(err.value)
+
+
+def test_local_download_stores_verified_files_once(tmp_path, box):
+    store = ArtifactStore(tmp_path / "store")
+    record = download_adapter(LocalSource(box), store, "demo")
+    assert record["version"] == "checkpoint-20" and not record["reused"]
+    names = sorted(f["name"] for f in record["files"])
+    assert "adapter_config.json" in names and "adapter_model.safetensors" in names
+    assert "trainer_state.json" not in names  # only what a deploy needs
+    assert sorted(os.listdir(record["path"])) == sorted([*names, "manifest.json"])
+    again = download_adapter(LocalSource(box), store, "demo")
+    assert again["reused"] and again["path"] == record["path"]
+    older = download_adapter(LocalSource(box), store, "demo", version="checkpoint-10")
+    assert older["version"] == "checkpoint-10" and older["path"] != record["path"]
+
+
+def test_missing_adapter_config_names_file_and_fix(tmp_path, box):
+    (box / "checkpoint-20" / "adapter_config.json").unlink()
+    with pytest.raises(SourceError) as err:
+        download_adapter(LocalSource(box), ArtifactStore(tmp_path / "store"), "demo")
+    assert "has no adapter_config.json" in str(err.value)
+    assert "save_pretrained" in str(err.value)
+    assert not (tmp_path / "store" / "demo").exists() or not any((tmp_path / "store" / "demo").rglob("*.json"))
+
+
+def test_file_changed_in_transit_is_caught(tmp_path, box):
+    class FlakySource(LocalSource):
+        def fetch(self, checkpoint, files, dest):
+            super().fetch(checkpoint, files, dest)
+            with (dest / "adapter_model.safetensors").open("r+b") as handle:
+                handle.seek(100)
+                handle.write(b"\x00\x01\x02")
+
+    with pytest.raises(IntegrityError) as err:
+        download_adapter(FlakySource(box), ArtifactStore(tmp_path / "store"), "demo")
+    assert err.value.retryable
+    assert list((tmp_path / "store" / "demo" / "adapter").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["..", "../etc", "a;rm -rf", "/abs", "x$(id)", ""])
+def test_dangerous_names_are_refused(name):
+    with pytest.raises(SourceError, match="refusing"):
+        check_name(name, "file")
+
+
+@pytest.fixture
+def ssh_client(sshd):
+    client = paramiko.SSHClient()
+    host = f"[127.0.0.1]:{sshd.port}"
+    key_type, key_data = sshd.host_key_line.split()
+    client.get_host_keys().add(host, key_type, paramiko.PKey.from_type_string(key_type, base64.b64decode(key_data)))
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect("127.0.0.1", port=sshd.port, username=sshd.user, key_filename=str(sshd.client_key),
+                   look_for_keys=False, allow_agent=False)
+    yield client
+    client.close()
+
+
+def test_ssh_download_hashes_on_the_box_and_matches_local(tmp_path, box, ssh_client):
+    source = SSHSource(ssh_client, str(box))
+    remote = download_adapter(source, ArtifactStore(tmp_path / "ssh-store"), "demo")
+    local = download_adapter(LocalSource(box), ArtifactStore(tmp_path / "local-store"), "demo")
+    source.close()
+    assert remote["version"] == "checkpoint-20"
+    assert remote["files"] == local["files"]
+    assert remote["sha256"] == local["sha256"]
+
+
+def test_ssh_missing_remote_dir_is_a_clear_error(tmp_path, ssh_client):
+    source = SSHSource(ssh_client, str(tmp_path / "nowhere"))
+    with pytest.raises(SourceError, match="does not exist on the training box"):
+        download_adapter(source, ArtifactStore(tmp_path / "store"), "demo")
