@@ -69,13 +69,16 @@ class GGUFQuantizeOperator(BaseOperator):
             store = ArtifactStore(self.artifact_root)
             force = bool(self.force)
 
+            metadata = {"general.name": self.model, "general.version": str(self.merged.get("adapter_version", ""))}
+
             def convert(tmp: Path) -> dict[str, Any]:
                 summary = gguf.convert_to_gguf(Path(self.merged["path"]), tmp / f"model-{self.outtype}.gguf",
-                                               toolchain=toolchain, outtype=self.outtype)
+                                               toolchain=toolchain, outtype=self.outtype, metadata=metadata)
                 return {"gguf": summary.as_record()}
 
             base = store.build(self.model, "gguf", {"merged": self.merged["sha256"], "outtype": self.outtype,
-                                                    "llama_cpp": toolchain.version}, convert, force=force)
+                                                    "metadata": metadata, "llama_cpp": toolchain.version},
+                               convert, force=force)
             base_file = Path(_file_record(self.outtype.upper(), base)["path"])
             files = []
             for quant in types:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from include.gguf_reader import inspect_gguf
 from include.hashing import sha256_file
 from tests.e2e.helpers import run_deploy, write_config
 
@@ -43,6 +44,8 @@ def test_deploy_end_to_end_then_rerun_reuses_everything(deployment, capfd):
     assert not merge["reused"] and merge["adapter_version"] == "checkpoint-20"
     assert [f["quant"] for f in quantize["files"]] == ["Q8_0", "Q4_K_M"]
     assert quantize["files"][1]["weights_by_type"].get("Q4_K", 0) > 0
+    metadata = inspect_gguf(quantize["files"][1]["path"], with_sha256=False).metadata
+    assert metadata["general.name"] == "e2e" and metadata["general.version"] == "checkpoint-20"
 
     # LM Studio: exactly models/<publisher>/<repo>/<file>.gguf, the very bytes the quantize stage made.
     installed = records["install"]["xcom"]["installed"]

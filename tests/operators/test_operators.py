@@ -1,0 +1,64 @@
+"""The Airflow layer: declarative constructors, templated fields, and engine errors mapped to Airflow's."""
+
+from __future__ import annotations
+
+import pytest
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from include.errors import ConfigError, HealthError
+from operators._engine import engine_errors
+from operators.download import VastAIDownloadOperator
+from operators.gguf import GGUFQuantizeOperator
+from operators.health import HealthCheckSensor
+from operators.hf_space import HFSpaceDeployOperator
+from operators.lmstudio import LMStudioDeployOperator
+from operators.merge import MergeOperator
+
+NOWHERE = "/nonexistent/lora-deploy"
+
+
+def all_operators():
+    """One instance of each operator, built with paths that do not exist (constructors must do no I/O)."""
+    return [
+        VastAIDownloadOperator(task_id="download", model="m", artifact_root=NOWHERE, source_kind="local",
+                               source_path=NOWHERE),
+        MergeOperator(task_id="merge", model="m", adapter={}, base_model=NOWHERE, artifact_root=NOWHERE),
+        GGUFQuantizeOperator(task_id="quantize", model="m", merged={}, quant_types=["Q8_0"], artifact_root=NOWHERE),
+        LMStudioDeployOperator(task_id="install", model="m", ggufs={}, adapter={}, models_dir=NOWHERE,
+                               publisher="p", repo="r"),
+        HealthCheckSensor(task_id="health", model="m", installed={}),
+        HFSpaceDeployOperator(task_id="publish", model="m", ggufs={}, adapter={}, repo_id=None),
+    ]
+
+
+@pytest.mark.parametrize("operator", all_operators(), ids=lambda op: type(op).__name__)
+def test_templated_fields_are_attributes_and_documented(operator):
+    assert operator.template_fields, f"{type(operator).__name__} declares no template_fields"
+    for name in operator.template_fields:
+        assert hasattr(operator, name), f"{type(operator).__name__}.{name} is templated but not set"
+        assert f":param {name}:" in (type(operator).__doc__ or ""), f"{type(operator).__name__} documents no {name}"
+
+
+def test_non_retryable_engine_errors_fail_at_once_with_the_model_named():
+    with pytest.raises(AirflowFailException, match=r"model 'majora': bad value\. Fix: do this"), \
+            engine_errors("majora"):
+        raise ConfigError("bad value", fix="do this")
+
+
+def test_retryable_engine_errors_are_left_to_the_retry_policy():
+    with pytest.raises(HealthError, match="model 'majora'"), engine_errors("majora"):
+        raise HealthError("endpoint down")
+
+
+def test_publish_is_skipped_without_an_hf_section():
+    operator = HFSpaceDeployOperator(task_id="publish", model="m", ggufs={}, adapter={}, repo_id=None)
+    with pytest.raises(AirflowSkipException, match="no `hf` section"):
+        operator.execute({})
+
+
+def test_publish_without_a_token_names_the_connection(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    operator = HFSpaceDeployOperator(task_id="publish", model="m", ggufs={"files": []}, adapter={"version": "v"},
+                                     repo_id="acme/m-GGUF", hf_conn_id="hf_missing_conn")
+    with pytest.raises(AirflowFailException, match="connection 'hf_missing_conn' is missing"):
+        operator.execute({})
