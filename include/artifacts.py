@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _TMP_MARK = ".tmp-"
+_PARTIAL_MARK = ".partial-"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,19 @@ class ArtifactStore:
         """The final directory of one stage output."""
         return self.root / model / stage / key
 
+    @staticmethod
+    def key_of(inputs: dict[str, Any]) -> str:
+        """The key ``build`` gives these inputs."""
+        return digest_of(inputs)
+
+    def staging_dir(self, model: str, stage: str, key: str) -> Path:
+        """A stable per-key directory for inputs gathered over several attempts (partial downloads).
+
+        It survives a failed attempt (unlike ``build``'s temp dir) so a retry can resume; the caller
+        removes it once the output is complete. It never counts as an output (hidden, no manifest).
+        """
+        return self.root / model / stage / f"{_PARTIAL_MARK}{key}"
+
     def lookup(self, model: str, stage: str, key: str) -> StageResult | None:
         """The completed output for this key, or None (a directory without a valid manifest is not one)."""
         path = self.stage_dir(model, stage, key)
@@ -67,6 +81,18 @@ class ArtifactStore:
             return None
         return StageResult(path=path, manifest=manifest, reused=True)
 
+    def find_file(self, model: str, stage: str, sha256: str) -> Path | None:
+        """A file with this sha256 in any completed output of the stage (for reuse instead of a new fetch)."""
+        for manifest_path in sorted((self.root / model / stage).glob(f"*/{MANIFEST}")):
+            try:
+                files = json.loads(manifest_path.read_text()).get("files", [])
+            except (OSError, ValueError):
+                continue
+            for entry in files:
+                if entry.get("sha256") == sha256 and (manifest_path.parent / entry["name"]).is_file():
+                    return manifest_path.parent / entry["name"]
+        return None
+
     def build(
         self,
         model: str,
@@ -75,13 +101,15 @@ class ArtifactStore:
         produce: Callable[[Path], dict[str, Any] | None],
         *,
         force: bool = False,
+        known_sha256: dict[str, str] | None = None,
     ) -> StageResult:
         """Return the output for ``inputs``, calling ``produce(tmp_dir)`` only when it does not exist yet.
 
         ``produce`` writes files into the empty directory it is given and may return extra manifest fields.
         With ``force`` an existing output is rebuilt (and replaced only once the new one is complete).
+        ``known_sha256`` (relative name -> sha256) spares re-reading files the caller has just verified.
         """
-        key = digest_of(inputs)
+        key = self.key_of(inputs)
         if not force and (found := self.lookup(model, stage, key)):
             log.info("%s/%s: reusing %s (inputs unchanged)", model, stage, found.path)
             return found
@@ -92,7 +120,7 @@ class ArtifactStore:
         tmp.mkdir()
         try:
             extra = produce(tmp) or {}
-            files = _describe_files(tmp)
+            files = _describe_files(tmp, known_sha256 or {})
             manifest = {
                 **extra,  # stage fields first: the store's own fields below always win
                 "model": model,
@@ -129,11 +157,11 @@ class ArtifactStore:
             shutil.rmtree(candidate, ignore_errors=True)
 
 
-def _describe_files(directory: Path) -> list[dict[str, Any]]:
+def _describe_files(directory: Path, known: dict[str, str]) -> list[dict[str, Any]]:
     files = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        files.append({"name": path.relative_to(directory).as_posix(), "bytes": path.stat().st_size,
-                      "sha256": sha256_file(path)})
+        name = path.relative_to(directory).as_posix()
+        files.append({"name": name, "bytes": path.stat().st_size, "sha256": known.get(name) or sha256_file(path)})
     return files
 
 

@@ -71,3 +71,17 @@ class HealthError(LoraDeployError):
     """The served model is not healthy."""
 
     retryable = True
+
+
+class TransientSourceError(SourceError):
+    """A source failed in a way that may pass: a dropped link, a timeout, HTTP 429 or 5xx."""
+
+    retryable = True
+
+
+class VastAIError(SourceError):
+    """The Vast.ai API refused the request for a reason a retry cannot fix (bad key, unknown or stopped instance)."""
+
+
+class VastAITransientError(TransientSourceError):
+    """The Vast.ai API did not answer usefully this time (timeout, 429, 5xx): retried with backoff."""

@@ -1,8 +1,9 @@
-"""Where adapters come from: a local directory or a training box over SSH (SFTP + remote sha256sum).
+"""Where adapters come from: a local directory or a training box over SSH (remote sha256sum + rsync or SFTP).
 
 A source lists checkpoint directories with their modification times, lists the files of one checkpoint
-with the sha256 computed on the source side, and fetches those files. Which checkpoint to take and how
-to store it is :mod:`include.download`'s job.
+with the sha256 computed on the source side, and fetches those files into a staging directory, resuming
+partial files (:mod:`include.transfer`). Which checkpoint to take and how to store it is
+:mod:`include.download`'s job.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import fnmatch
 import logging
 import re
 import shlex
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from include.errors import SourceError
+from include.errors import SourceError, TransientSourceError
 from include.hashing import sha256_file
+from include.transfer import TransferResult, copy_fetch, local_rsync, rsync_fetch, sftp_fetch
+from include.transfer_ssh import SSHEndpoint
 
 if TYPE_CHECKING:
     import paramiko
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 # What a deploy needs from a checkpoint; optimizer and RNG states stay on the box.
 WANTED_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer*", "special_tokens_map.json",
                 "chat_template*", "added_tokens.json", "vocab.json", "merges.txt")
+_RSYNC_MARK = "#lora-deploy:rsync"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]*$")
 
 
@@ -57,7 +60,7 @@ class AdapterSource(Protocol):
 
     def list_files(self, checkpoint: str) -> list[SourceFile]: ...
 
-    def fetch(self, checkpoint: str, files: list[SourceFile], dest: Path) -> None: ...
+    def fetch(self, checkpoint: str, files: list[SourceFile], dest: Path) -> TransferResult: ...
 
 
 def check_name(name: str, what: str) -> str:
@@ -94,23 +97,35 @@ class LocalSource:
         return [SourceFile(p.name, p.stat().st_size, sha256_file(p))
                 for p in sorted(directory.iterdir()) if p.is_file() and _wanted(p.name)]
 
-    def fetch(self, checkpoint: str, files: list[SourceFile], dest: Path) -> None:
+    def fetch(self, checkpoint: str, files: list[SourceFile], dest: Path) -> TransferResult:
         """Copy the files into ``dest``."""
         for item in files:
-            shutil.copyfile(self.root / checkpoint / check_name(item.name, "file"), dest / item.name)
+            check_name(item.name, "file")
+        return copy_fetch(self.root / check_name(checkpoint, "checkpoint"), files, dest)
+
+
+TransferMethod = Literal["auto", "rsync", "sftp"]
 
 
 class SSHSource:
-    """Checkpoints on a remote box, through an open paramiko client (host key already checked by the caller)."""
+    """Checkpoints on a remote box, through an open paramiko client whose host key the caller has checked.
+
+    ``endpoint`` (how to reach the box again with ``ssh``) enables rsync; ``method`` ``auto`` uses rsync
+    when both ends have it, else SFTP.
+    """
 
     def __init__(self, client: paramiko.SSHClient, remote_dir: str, checkpoint_glob: str = "checkpoint-*",
-                 description: str = "") -> None:
+                 description: str = "", *, endpoint: SSHEndpoint | None = None, method: TransferMethod = "auto",
+                 progress_interval_s: float | None = None) -> None:
         self.client = client
         self.remote_dir = PurePosixPath(remote_dir)
         self.checkpoint_glob = checkpoint_glob
         self.description = description or f"remote directory {str(self.remote_dir)!r}"
+        self.endpoint = endpoint
+        self.method = method
+        self.progress_interval_s = progress_interval_s
         self._sftp: paramiko.SFTPClient | None = None
-
+        self._remote_rsync: bool | None = None
     @property
     def sftp(self) -> paramiko.SFTPClient:
         """One SFTP session for the life of this source."""
@@ -129,7 +144,7 @@ class SSHSource:
                 if stat.S_ISDIR(e.st_mode or 0) and fnmatch.fnmatchcase(e.filename, self.checkpoint_glob)]
 
     def list_files(self, checkpoint: str) -> list[SourceFile]:
-        """The wanted files of a checkpoint with sizes, and sha256 computed on the box by ``sha256sum``."""
+        """The wanted files of a checkpoint with sizes, and sha256 computed on the box (openssl, else sha256sum)."""
         directory = self.remote_dir / check_name(checkpoint, "checkpoint")
         entries = [e for e in self.sftp.listdir_attr(str(directory))
                    if stat.S_ISREG(e.st_mode or 0) and _wanted(e.filename)]
@@ -140,29 +155,64 @@ class SSHSource:
         return [SourceFile(e.filename, int(e.st_size or 0), hashes[e.filename]) for e in entries]
 
     def _remote_sha256(self, directory: PurePosixPath, names: list[str]) -> dict[str, str]:
-        command = f"cd {shlex.quote(str(directory))} && sha256sum -- " + " ".join(shlex.quote(n) for n in names)
+        # One round trip: also note whether the box has rsync (for choose_method). OpenSSL's sha256 uses the
+        # CPU's SHA extensions (~4x coreutils' sha256sum); names passed check_name(), so none starts with '-'.
+        command = (f"if command -v rsync >/dev/null 2>&1; then echo '{_RSYNC_MARK}'; fi; "
+                   "if command -v openssl >/dev/null 2>&1; then H='openssl dgst -sha256 -r'; else H=sha256sum; fi; "
+                   f"cd {shlex.quote(str(directory))} && $H " + " ".join(shlex.quote(n) for n in names))
         _, stdout, stderr = self.client.exec_command(command, timeout=3600)
         output = stdout.read().decode()
         status = stdout.channel.recv_exit_status()
         if status != 0:
-            raise SourceError(f"sha256sum failed on the training box (exit {status}): {stderr.read().decode()[-300:]}",
-                              fix="make sure coreutils' sha256sum exists there and the files are readable")
+            raise SourceError(f"hashing failed on the training box (exit {status}): {stderr.read().decode()[-300:]}",
+                              fix="make sure openssl or coreutils' sha256sum exists there and the files are readable")
         hashes = {}
         for line in output.splitlines():
-            digest, _, name = line.partition("  ")
-            hashes[name.lstrip("*")] = digest
+            if line == _RSYNC_MARK:
+                self._remote_rsync = True
+                continue
+            digest, _, name = line.partition(" ")  # "<hex>  name" (sha256sum) or "<hex> *name" (openssl -r)
+            hashes[name.lstrip(" *")] = digest.lower()
         return hashes
 
-    def fetch(self, checkpoint: str, files: list[SourceFile], dest: Path) -> None:
-        """Copy the files over SFTP into ``dest``."""
-        directory = self.remote_dir / checkpoint
+    def fetch(self, checkpoint: str, files: list[SourceFile], dest: Path) -> TransferResult:
+        """Bring the files into ``dest``, resuming partial files there (rsync or SFTP, see ``method``)."""
+        directory = self.remote_dir / check_name(checkpoint, "checkpoint")
         for item in files:
-            remote = str(directory / check_name(item.name, "file"))
-            log.info("fetching %s (%.1f MB)", remote, item.bytes / 1e6)
-            self.sftp.get(remote, str(dest / item.name))
+            check_name(item.name, "file")
+        if self.choose_method() == "rsync":
+            assert self.endpoint is not None  # choose_method() checked it
+            return rsync_fetch(self.endpoint, directory, files, dest, progress_interval_s=self.progress_interval_s)
+        return sftp_fetch(self.sftp, directory, files, dest, progress_interval_s=self.progress_interval_s)
+
+    def choose_method(self) -> Literal["rsync", "sftp"]:
+        """rsync when asked or when ``auto`` finds it on both ends (and an endpoint to run ssh with), else sftp."""
+        if self.method == "sftp":
+            return "sftp"
+        usable = self.endpoint is not None and local_rsync() is not None and self._remote_has("rsync")
+        if self.method == "rsync" and not usable:
+            raise SourceError("transfer method 'rsync' needs rsync on this machine and on the box",
+                              fix="install rsync on both, or set source.transfer to 'auto' or 'sftp'")
+        if not usable:
+            log.info("rsync is not available on both ends: using SFTP")
+        return "rsync" if usable else "sftp"
+
+    def _remote_has(self, program: str) -> bool:
+        if program == "rsync" and self._remote_rsync is not None:
+            return self._remote_rsync
+        try:
+            _, stdout, _ = self.client.exec_command(f"command -v {shlex.quote(program)}", timeout=60)
+            stdout.read()
+            return stdout.channel.recv_exit_status() == 0
+        except (OSError, EOFError) as err:
+            raise TransientSourceError(f"lost the SSH session to {self.description}: {err}",
+                                       fix="the task retries") from err
 
     def close(self) -> None:
         """Close the SFTP session (the SSH client belongs to the caller)."""
         if self._sftp is not None:
-            self._sftp.close()
-            self._sftp = None
+            sftp, self._sftp = self._sftp, None
+            try:
+                sftp.close()
+            except Exception as err:  # a dropped link fails the close too; the real error is already raised
+                log.debug("closing the SFTP session failed: %r", err)

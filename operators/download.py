@@ -2,36 +2,61 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import BaseHook, BaseOperator, Context
 
 from include.artifacts import ArtifactStore
 from include.download import download_adapter
+from include.errors import SourceError
 from include.sources import LocalSource, SSHSource
+from include.transfer_ssh import SSHEndpoint, connect
+from include.vastai import VastAIClient, resolve_api_key, resolve_base_url
 from operators._engine import engine_errors
+
+log = logging.getLogger(__name__)
+
+# Runs that stand for a point in time: they take the newest checkpoint that existed at their data interval end.
+DATED_RUN_TYPES = ("scheduled", "backfill")
 
 
 class VastAIDownloadOperator(BaseOperator):
-    """Download an adapter checkpoint (the one named in ``adapter_version``, else the newest).
+    """Download an adapter checkpoint from a Vast.ai instance, any SSH box or a local directory.
+
+    Which checkpoint: the one named in ``adapter_version``; else, for scheduled and backfill runs, the
+    newest one not newer than the run's ``data_interval_end``; else the newest. Files are sha256-hashed on
+    the box, transferred with resume (rsync ``--partial --append-verify`` or SFTP), verified and moved
+    into the artifact store; files already stored with the same hash are not fetched again.
 
     :param model: the model's name in config/models.yaml.
     :param artifact_root: root of the artifact store. (templated)
-    :param source_kind: ``"local"`` (a directory here) or ``"ssh"`` (an SSH connection + remote directory).
+    :param source_kind: ``"vastai"`` (instance id -> SSH endpoint through the Vast.ai API), ``"ssh"`` (an SSH
+        connection) or ``"local"`` (a directory here).
+    :param instance_id: the Vast.ai instance id, for ``vastai``. (templated)
+    :param vastai_conn_id: connection whose password is the Vast.ai API key (``$VAST_API_KEY`` otherwise) and
+        whose host, if set, overrides the API URL.
+    :param vastai_api_url: the API base URL (default: the connection's host, ``$VAST_URL``, console.vast.ai).
     :param source_path: the local directory holding ``checkpoint-*`` dirs, for ``local``. (templated)
-    :param ssh_conn_id: the Airflow SSH connection of the training box, for ``ssh``.
-    :param remote_dir: the directory on the box holding ``checkpoint-*`` dirs, for ``ssh``. (templated)
+    :param ssh_conn_id: the SSH connection of the box (login, ``key_file`` or ``private_key``, ``host_key``);
+        for ``vastai`` its host and port are replaced by the instance's.
+    :param remote_dir: the directory on the box holding ``checkpoint-*`` dirs. (templated)
     :param checkpoint_glob: which directories count as checkpoints.
-    :param adapter_version: a checkpoint name; empty for the newest. (templated)
+    :param transfer: ``auto`` (rsync when both ends have it, else SFTP), ``rsync`` or ``sftp``.
+    :param verify_host_key: check the box's host key (pinned ``host_key`` or known_hosts); False skips it.
+    :param adapter_version: a checkpoint name; empty to select by date or newest. (templated)
     :param force: fetch again even if the same files are already stored. (templated)
 
-    Returns ``{"version", "time", "path", "key", "sha256", "bytes", "files": [{"name", "bytes", "sha256"}],
-    "reused"}``.
+    Returns ``{"version", "time", "selected_by", "path", "key", "sha256", "bytes",
+    "files": [{"name", "bytes", "sha256"}], "transfer": {"method", "received_bytes", "resumed_bytes",
+    "seconds"} | None, "reused"}``.
     """
 
-    template_fields: Sequence[str] = ("artifact_root", "source_path", "remote_dir", "adapter_version", "force")
+    template_fields: Sequence[str] = ("artifact_root", "instance_id", "source_path", "remote_dir", "adapter_version",
+                                      "force")
     ui_color = "#e3f2fd"
 
     def __init__(
@@ -40,10 +65,15 @@ class VastAIDownloadOperator(BaseOperator):
         model: str,
         artifact_root: str,
         source_kind: str = "ssh",
+        instance_id: str | int | None = None,
+        vastai_conn_id: str = "vastai_default",
+        vastai_api_url: str | None = None,
         source_path: str | None = None,
         ssh_conn_id: str | None = None,
         remote_dir: str | None = None,
         checkpoint_glob: str = "checkpoint-*",
+        transfer: str = "auto",
+        verify_host_key: bool = True,
         adapter_version: str | None = None,
         force: bool | str = False,
         **kwargs: Any,
@@ -52,27 +82,88 @@ class VastAIDownloadOperator(BaseOperator):
         self.model = model
         self.artifact_root = artifact_root
         self.source_kind = source_kind
+        self.instance_id = instance_id
+        self.vastai_conn_id = vastai_conn_id
+        self.vastai_api_url = vastai_api_url
         self.source_path = source_path
         self.ssh_conn_id = ssh_conn_id
         self.remote_dir = remote_dir
         self.checkpoint_glob = checkpoint_glob
+        self.transfer = transfer
+        self.verify_host_key = verify_host_key
         self.adapter_version = adapter_version
         self.force = force
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Select, fetch and verify the checkpoint; return its record."""
         store = ArtifactStore(self.artifact_root)
-        version = self.adapter_version or None
+        version = str(self.adapter_version).strip() or None if self.adapter_version else None
+        not_after = None if version else self.dated_selection(context)
+        force = str(self.force).lower() == "true"
         with engine_errors(self.model):
+            if self.source_kind not in ("local", "ssh", "vastai"):
+                raise SourceError(f"source kind {self.source_kind!r} is not one of 'local', 'ssh', 'vastai'",
+                                  fix="correct source.kind")
             if self.source_kind == "local":
                 source = LocalSource(Path(str(self.source_path)), self.checkpoint_glob)
-                return download_adapter(source, store, self.model, version=version, force=bool(self.force))
-            from airflow.providers.ssh.hooks.ssh import SSHHook
-
-            with SSHHook(ssh_conn_id=self.ssh_conn_id).get_conn() as client:
+                return download_adapter(source, store, self.model, version=version, not_after=not_after, force=force)
+            endpoint, where = self.endpoint()
+            client = connect(endpoint)
+            try:
                 remote = SSHSource(client, str(self.remote_dir), self.checkpoint_glob,
-                                   description=f"{self.ssh_conn_id}:{self.remote_dir}")
+                                   description=f"{where}:{self.remote_dir}", endpoint=endpoint,
+                                   method=self.transfer)  # type: ignore[arg-type]
                 try:
-                    return download_adapter(remote, store, self.model, version=version, force=bool(self.force))
+                    return download_adapter(remote, store, self.model, version=version, not_after=not_after,
+                                            force=force)
                 finally:
                     remote.close()
+            finally:
+                client.close()
+
+    @staticmethod
+    def dated_selection(context: Context) -> datetime | None:
+        """The run's data_interval_end for scheduled and backfill runs (they select by date), else None."""
+        dag_run = context.get("dag_run")
+        run_type = getattr(getattr(dag_run, "run_type", None), "value", getattr(dag_run, "run_type", None))
+        if str(run_type) not in DATED_RUN_TYPES:
+            return None
+        end = context.get("data_interval_end") or getattr(dag_run, "data_interval_end", None)
+        if end is not None:
+            log.info("%s run: taking the newest checkpoint not newer than %s", run_type, end)
+        return end
+
+    def endpoint(self) -> tuple[SSHEndpoint, str]:
+        """How to reach the box (from the SSH connection, and for Vast.ai the instance's endpoint); no secret logged."""
+        extras: dict[str, Any] = {}
+        host, port, login = None, None, None
+        if self.ssh_conn_id:
+            conn = BaseHook.get_connection(self.ssh_conn_id)
+            extras, host, port, login = conn.extra_dejson, conn.host, conn.port, conn.login
+        where = self.ssh_conn_id or ""
+        if self.source_kind == "vastai":
+            instance = self.vast_client().running_instance(str(self.instance_id))
+            host, port = instance.ssh_host, instance.ssh_port
+            where = f"vast.ai instance {instance.id}"
+            log.info("%s is running; SSH at %s:%d (%s)", where, host, port, "direct" if instance.direct else "proxy")
+        if not host:
+            raise SourceError(f"connection {self.ssh_conn_id!r} has no host", fix="set the host of the SSH connection")
+        if str(extras.get("no_host_key_check", "")).lower() == "true" and self.verify_host_key:
+            log.warning("connection %r says no_host_key_check, but host keys are still checked: set "
+                        "verify_host_key: false in the model's source config to skip the check", self.ssh_conn_id)
+        endpoint = SSHEndpoint(host=host, port=int(port or 22), user=login or "root", key_file=extras.get("key_file"),
+                               private_key=extras.get("private_key"), host_key=extras.get("host_key"),
+                               verify_host_key=bool(self.verify_host_key))
+        return endpoint, where
+
+    def vast_client(self) -> VastAIClient:
+        """A Vast.ai client with the key from ``vastai_conn_id`` (or ``$VAST_API_KEY``)."""
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        password, host = None, None
+        try:
+            conn = BaseHook.get_connection(self.vastai_conn_id)
+            password, host = conn.password, conn.host
+        except AirflowNotFoundException:
+            log.info("no connection %r: using VAST_API_KEY", self.vastai_conn_id)
+        return VastAIClient(resolve_api_key(password), resolve_base_url(self.vastai_api_url, host))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import paramiko
@@ -13,7 +14,7 @@ import pytest
 from include.artifacts import ArtifactStore
 from include.download import download_adapter, select_checkpoint
 from include.errors import IntegrityError, SourceError
-from include.sources import Checkpoint, LocalSource, SSHSource, check_name
+from include.sources import Checkpoint, LocalSource, SourceFile, SSHSource, check_name
 
 
 @pytest.fixture
@@ -62,18 +63,52 @@ def test_missing_adapter_config_names_file_and_fix(tmp_path, box):
     assert not (tmp_path / "store" / "demo").exists() or not any((tmp_path / "store" / "demo").rglob("*.json"))
 
 
-def test_file_changed_in_transit_is_caught(tmp_path, box):
-    class FlakySource(LocalSource):
-        def fetch(self, checkpoint, files, dest):
-            super().fetch(checkpoint, files, dest)
-            with (dest / "adapter_model.safetensors").open("r+b") as handle:
-                handle.seek(100)
-                handle.write(b"\x00\x01\x02")
+def test_file_changed_after_hashing_is_caught_and_nothing_is_stored(tmp_path, box):
+    class ChangedSource(LocalSource):
+        def list_files(self, checkpoint):  # the box hashed an older version of the weights
+            return [SourceFile(f.name, f.bytes, "0" * 64 if f.name == "adapter_model.safetensors" else f.sha256)
+                    for f in super().list_files(checkpoint)]
 
-    with pytest.raises(IntegrityError) as err:
-        download_adapter(FlakySource(box), ArtifactStore(tmp_path / "store"), "demo")
+    store = ArtifactStore(tmp_path / "store")
+    with pytest.raises(IntegrityError, match="twice") as err:
+        download_adapter(ChangedSource(box), store, "demo")
     assert err.value.retryable
-    assert list((tmp_path / "store" / "demo" / "adapter").iterdir()) == []
+    assert not list((tmp_path / "store" / "demo" / "adapter").glob("*/manifest.json"))
+    staged = [p.name for p in (tmp_path / "store" / "demo" / "adapter").glob(".partial-*/*")]
+    assert "adapter_model.safetensors" not in staged, "a file that failed verification is not kept for resuming"
+
+
+CHECKPOINT_TIMES = [("checkpoint-100", "2026-03-01T12:00:00+00:00"), ("checkpoint-200", "2026-03-05T12:00:00+00:00"),
+                    ("checkpoint-300", "2026-03-09T12:00:00+00:00")]
+
+
+@pytest.mark.parametrize(("interval_end", "expected"), [
+    ("2026-03-04T00:00:00+00:00", "checkpoint-100"),
+    ("2026-03-05T12:00:00+00:00", "checkpoint-200"),  # not newer than: equal counts
+    ("2026-03-08T00:00:00+00:00", "checkpoint-200"),
+    ("2026-04-01T00:00:00+00:00", "checkpoint-300"),
+])
+def test_backfill_takes_the_newest_checkpoint_of_its_interval(interval_end, expected):
+    checkpoints = [Checkpoint(name, datetime.fromisoformat(t).timestamp()) for name, t in CHECKPOINT_TIMES]
+    chosen = select_checkpoint(checkpoints, None, where="box", not_after=datetime.fromisoformat(interval_end))
+    assert chosen.name == expected
+    assert select_checkpoint(checkpoints, "checkpoint-300", where="box",
+                             not_after=datetime.fromisoformat(interval_end)).name == "checkpoint-300"
+
+
+def test_backfill_before_the_first_checkpoint_says_so():
+    checkpoints = [Checkpoint(name, datetime.fromisoformat(t).timestamp()) for name, t in CHECKPOINT_TIMES]
+    with pytest.raises(SourceError, match="no checkpoint in box existed at 2026-02-01") as err:
+        select_checkpoint(checkpoints, None, where="box", not_after=datetime(2026, 2, 1, tzinfo=UTC))
+    assert "'checkpoint-100'" in str(err.value) and not err.value.retryable
+
+
+def test_dated_download_records_how_it_selected(tmp_path, box):
+    # The demo's checkpoint-10 is from 2026-11-01 and checkpoint-20 from 2026-11-02.
+    record = download_adapter(LocalSource(box), ArtifactStore(tmp_path / "store"), "demo",
+                              not_after=datetime(2026, 11, 1, 12, tzinfo=UTC))
+    assert (record["version"], record["selected_by"]) == ("checkpoint-10", "data_interval_end")
+    assert record["time"].startswith("2026-11-01")
 
 
 @pytest.mark.parametrize("name", ["..", "../etc", "a;rm -rf", "/abs", "x$(id)", ""])
