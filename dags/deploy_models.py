@@ -92,13 +92,17 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
             task_id="download", model=model.name, artifact_root=root, source_kind=source.kind,
             source_path=getattr(source, "path", None), ssh_conn_id=getattr(source, "ssh_conn_id", None),
             remote_dir=getattr(source, "remote_dir", None), checkpoint_glob=source.checkpoint_glob,
+            instance_id=getattr(source, "instance_id", None),
+            vastai_conn_id=getattr(source, "vastai_conn_id", "vastai_default"),
+            vastai_api_url=getattr(source, "api_url", None), transfer=getattr(source, "transfer", "auto"),
+            verify_host_key=getattr(source, "verify_host_key", True),
             adapter_version="{{ params.adapter_version or '' }}", force="{{ params.force }}",
             **stage_args(model, "download"),
         )
         merge = MergeOperator(
             task_id="merge", model=model.name, adapter=download.output, base_model=model.base_model,
-            artifact_root=root, dtype=model.merge.dtype, max_shard_mb=model.merge.max_shard_mb,
-            force="{{ params.force }}", **stage_args(model, "merge"),
+            artifact_root=root, backend=model.merge.backend, dtype=model.merge.dtype,
+            max_shard_mb=model.merge.max_shard_mb, force="{{ params.force }}", **stage_args(model, "merge"),
         )
         quantize = GGUFQuantizeOperator(
             task_id="quantize", model=model.name, merged=merge.output, quant_types="{{ params.quant_types }}",

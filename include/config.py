@@ -54,19 +54,58 @@ class SSHSource(_Strict):
     ssh_conn_id: str
     remote_dir: str = Field(description="absolute directory on the box that holds the checkpoint-* directories")
     checkpoint_glob: str = "checkpoint-*"
+    transfer: Literal["auto", "rsync", "sftp"] = Field("auto", description="auto: rsync when both ends have it")
+    verify_host_key: bool = Field(True, description="false skips the SSH host key check (explicit opt-out)")
 
     @field_validator("remote_dir")
     @classmethod
     def _absolute(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError(f"remote_dir must be an absolute path on the training box, got {value!r}")
-        return value
+        return _remote_dir(value)
+
+
+class VastAISource(_Strict):
+    """Checkpoints on a Vast.ai instance: its SSH endpoint comes from the Vast.ai API at run time."""
+
+    kind: Literal["vastai"]
+    instance_id: str = Field(description="the numeric instance id (`vastai show instances`)")
+    remote_dir: str = Field(description="absolute directory on the instance that holds the checkpoint-* directories")
+    ssh_conn_id: str | None = Field(None, description="SSH connection with login, key_file and host_key "
+                                                      "(its host/port are replaced by the instance's)")
+    vastai_conn_id: str = Field("vastai_default", description="connection whose password is the API key")
+    api_url: str | None = Field(None, description="Vast.ai API base URL (default: connection host, $VAST_URL, "
+                                                  "https://console.vast.ai)")
+    checkpoint_glob: str = "checkpoint-*"
+    transfer: Literal["auto", "rsync", "sftp"] = "auto"
+    verify_host_key: bool = True
+
+    @field_validator("instance_id", mode="before")
+    @classmethod
+    def _numeric(cls, value: Any) -> str:
+        text = str(value).strip()
+        if not text.isdigit():
+            raise ValueError(f"instance_id must be the numeric Vast.ai instance id, got {value!r}")
+        return text
+
+    @field_validator("remote_dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return _remote_dir(value)
+
+
+def _remote_dir(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"remote_dir must be an absolute path on the training box, got {value!r}")
+    if ".." in value.split("/") or any(c in value for c in "\n\0`$;|&<>*?'\""):
+        raise ValueError(f"remote_dir {value!r} may not contain '..' or shell metacharacters")
+    return value
 
 
 class MergeSettings(_Strict):
     """How the adapter is merged into the base model."""
 
-    backend: Literal["streaming"] = "streaming"
+    backend: Literal["streaming", "peft", "unsloth", "auto"] = Field(
+        "streaming", description="streaming: exact, constant memory (default); peft: reference, whole model in RAM; "
+        "unsloth: CUDA only; auto: streaming, or peft for adapter features streaming does not merge")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_shard_mb: int = Field(2048, gt=0)
 
@@ -162,7 +201,7 @@ class ModelConfig(_Strict):
     name: str
     description: str = ""
     base_model: str = Field(description="local directory of the base model (or a Hugging Face repo id in the cache)")
-    source: Annotated[LocalSource | SSHSource, Field(discriminator="kind")]
+    source: Annotated[LocalSource | SSHSource | VastAISource, Field(discriminator="kind")]
     merge: MergeSettings = MergeSettings()
     quantize: QuantizeSettings = QuantizeSettings()
     lmstudio: LMStudioSettings = LMStudioSettings()
@@ -309,7 +348,7 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 
 def _location(error: dict[str, Any]) -> str:
     # Discriminated unions put the tag in the location ("source.local.path"); drop it for readers.
-    parts = [str(p) for p in error["loc"] if p not in ("local", "ssh")]
+    parts = [str(p) for p in error["loc"] if p not in ("local", "ssh", "vastai")]
     return ".".join(parts) or "(entry)"
 
 
@@ -330,7 +369,7 @@ def _fix_for(err: ValidationError, name: str) -> str:
         elif kind == "extra_forbidden":
             fixes.append(f"remove `{where}` or correct its spelling")
         elif kind == "union_tag_invalid" or kind == "union_tag_not_found":
-            fixes.append(f"set `models.{name}.source.kind` to 'local' or 'ssh'")
+            fixes.append(f"set `models.{name}.source.kind` to 'local', 'ssh' or 'vastai'")
         else:
             fixes.append(f"correct `{where}` as the message says")
     return "; ".join(dict.fromkeys(fixes))

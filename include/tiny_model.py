@@ -28,7 +28,8 @@ from include.errors import LoraDeployError
 
 log = logging.getLogger(__name__)
 
-Arch = Literal["llama"]
+Arch = Literal["llama", "qwen2", "mistral", "gemma"]
+ARCHS = ("llama", "qwen2", "mistral", "gemma")
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -112,6 +113,22 @@ def _llama_config(dtype: str, tie_word_embeddings: bool, hidden_size: int, inter
     )
 
 
+def _arch_config(arch: str, dtype: str, tie_word_embeddings: bool, hidden_size: int, intermediate_size: int) -> Any:
+    """The config of a tiny model of ``arch``: the Llama dims; Qwen2 adds q/k/v biases, Gemma ties embeddings."""
+    if arch == "llama":
+        return _llama_config(dtype, tie_word_embeddings, hidden_size, intermediate_size)
+    import transformers
+
+    name = {"qwen2": "Qwen2Config", "mistral": "MistralConfig", "gemma": "GemmaConfig"}[arch]
+    extra: dict[str, Any] = {"head_dim": hidden_size // HEADS} if arch == "gemma" else {}
+    return getattr(transformers, name)(
+        vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=512, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=tie_word_embeddings or arch == "gemma",
+        dtype=dtype, **extra,
+    )
+
+
 def _save_tokenizer(model_proto: bytes, out_dir: Path) -> None:
     """Write tokenizer.model plus the transformers side files (tokenizer_config.json, special_tokens_map.json)."""
     (out_dir / "tokenizer.model").write_bytes(model_proto)
@@ -153,38 +170,43 @@ def make_base_model(
     hidden_size: int = HIDDEN,
     intermediate_size: int = INTERMEDIATE,
 ) -> Path:
-    """Write a tiny random Llama checkpoint (safetensors, config, generation config, tokenizer) to ``out_dir``.
+    """Write a tiny random checkpoint (safetensors, config, generation config, tokenizer) to ``out_dir``.
 
-    Deterministic: the same arguments give byte-identical files. ``arch`` is reserved for other
-    architectures (Qwen2, Mistral); only ``"llama"`` exists today. ``hidden_size``/``intermediate_size``
+    Deterministic: the same arguments give byte-identical files. ``arch``: ``llama``, ``qwen2`` (q/k/v
+    biases, made non-zero), ``mistral`` or ``gemma`` (tied embeddings always); all share the Llama
+    dims and the SentencePiece tokenizer. ``hidden_size``/``intermediate_size``
     other than multiples of 256 make llama.cpp's K-quants fall back to other types (used to test that
     the fallback is caught); ``hidden_size`` must be a multiple of 4 * 2 (heads * 2 for RoPE).
     """
     if dtype not in DTYPES:
         raise LoraDeployError(f"unknown dtype {dtype!r}", fix=f"use one of {', '.join(DTYPES)}")
-    if arch != "llama":
-        raise LoraDeployError(f"unsupported tiny-model arch {arch!r}", fix="use arch='llama'")
+    if arch not in ARCHS:
+        raise LoraDeployError(f"unsupported tiny-model arch {arch!r}", fix=f"use one of {', '.join(ARCHS)}")
     if hidden_size <= 0 or hidden_size % (HEADS * 2) or intermediate_size <= 0:
         raise LoraDeployError(
             f"bad tiny-model dims hidden_size={hidden_size!r} intermediate_size={intermediate_size!r}",
             fix=f"use a positive hidden_size divisible by {HEADS * 2} and a positive intermediate_size",
         )
     import torch
-    from transformers import GenerationConfig, LlamaForCausalLM
+    import transformers
+    from transformers import GenerationConfig
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         _save_tokenizer(_train_tokenizer(seed), tmp)
-        config = _llama_config(dtype, tie_word_embeddings, hidden_size, intermediate_size)
+        config = _arch_config(arch, dtype, tie_word_embeddings, hidden_size, intermediate_size)
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        classes = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+                   "gemma": "GemmaForCausalLM"}
+        model = getattr(transformers, classes[arch])(config)
         # The default init (std 0.02) gives near-uniform logits; widen it a little so outputs differ by input.
         with torch.no_grad():
             generator = torch.Generator().manual_seed(seed)
-            for _, param in sorted(model.named_parameters()):
-                if param.dim() >= 2:
+            for name, param in sorted(model.named_parameters()):
+                # (Qwen2's q/k/v biases start at zero: made random too)
+                if param.dim() >= 2 or (arch != "llama" and name.endswith(".bias")):
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
         model = model.to(getattr(torch, dtype))
         model.save_pretrained(tmp, safe_serialization=True)
@@ -206,10 +228,14 @@ def make_lora_adapter(
     target_modules: Sequence[str] = DEFAULT_TARGETS,
     seed: int = 1,
     base_model_name_or_path: str | None = None,
+    **lora_kwargs: Any,
 ) -> Path:
     """Write a peft LoRA adapter for the model in ``base_dir`` to ``out_dir`` with seeded non-zero A and B.
 
-    ``adapter_config.json`` gets ``base_model_name_or_path`` (default ``str(base_dir)``).
+    ``adapter_config.json`` gets ``base_model_name_or_path`` (default ``str(base_dir)``). ``lora_kwargs``
+    go to ``LoraConfig`` (``use_dora``, ``rank_pattern``, ``lora_bias``, ``modules_to_save``, ...); the
+    extra trainable tensors they add (DoRA magnitudes, saved modules, embedding LoRA) are perturbed too,
+    so that each feature changes the merge.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -224,15 +250,18 @@ def make_lora_adapter(
         use_rslora=use_rslora,
         target_modules=list(target_modules),
         lora_dropout=0.0,
-        bias="none",
         task_type="CAUSAL_LM",
+        **{"bias": "none", **lora_kwargs},
     )
     model = get_peft_model(base, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
-            if "lora_A" in name or "lora_B" in name:
+            if "lora_A" in name or "lora_B" in name or "lora_embedding_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+            elif "lora_magnitude_vector" in name or ("modules_to_save" in name and param.requires_grad) or (
+                    lora_kwargs.get("bias", "none") != "none" and name.endswith(".bias") and param.requires_grad):
+                param.mul_(1 + 0.2 * torch.randn(param.shape, generator=generator))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -12,7 +12,7 @@ from include.artifacts import ArtifactStore
 from include.base_model import fingerprint, resolve_base_model
 from operators._engine import engine_errors
 
-MERGE_ENGINE_VERSION = "streaming-1"
+MERGE_ENGINE_VERSION = "2"  # 2: float64 merge math, DoRA/bias/embedding/modules_to_save
 
 
 class MergeOperator(BaseOperator):
@@ -23,6 +23,7 @@ class MergeOperator(BaseOperator):
     :param base_model: a local model directory or a Hugging Face repo id in the local cache. (templated)
     :param artifact_root: root of the artifact store. (templated)
     :param dtype: output dtype: auto, float32, float16 or bfloat16.
+    :param backend: streaming (default: exact, constant memory), peft, unsloth (CUDA only) or auto.
     :param max_shard_mb: largest output shard.
     :param force: merge again even if this merge exists. (templated)
 
@@ -40,6 +41,7 @@ class MergeOperator(BaseOperator):
         base_model: str,
         artifact_root: str,
         dtype: str = "auto",
+        backend: str = "streaming",
         max_shard_mb: int = 2048,
         force: bool | str = False,
         **kwargs: Any,
@@ -50,24 +52,26 @@ class MergeOperator(BaseOperator):
         self.base_model = base_model
         self.artifact_root = artifact_root
         self.dtype = dtype
+        self.backend = backend
         self.max_shard_mb = max_shard_mb
         self.force = force
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Validate, merge into a temp dir of the store, return the record."""
-        from include.merge import merge_lora
+        from include.merge_backends import choose_backend, merge_model
 
         with engine_errors(self.model):
             base_dir = resolve_base_model(self.base_model)
             adapter_dir = Path(self.adapter["path"])
+            backend = choose_backend(self.backend, adapter_dir)
             inputs = {"adapter": self.adapter["sha256"], "base": fingerprint(base_dir), "dtype": self.dtype,
-                      "max_shard_mb": self.max_shard_mb, "engine": MERGE_ENGINE_VERSION}
+                      "max_shard_mb": self.max_shard_mb, "engine": f"{backend}-{MERGE_ENGINE_VERSION}"}
 
             def produce(tmp: Path) -> dict[str, Any]:
-                return merge_lora(base_dir, adapter_dir, tmp, dtype=self.dtype, expected_base=self.base_model,
-                                  max_shard_bytes=self.max_shard_mb * 1024 * 1024)
+                return merge_model(base_dir, adapter_dir, tmp, backend=backend, dtype=self.dtype,
+                                   expected_base=self.base_model, max_shard_bytes=self.max_shard_mb * 1024 * 1024)
 
             result = ArtifactStore(self.artifact_root).build(self.model, "merged", inputs, produce,
                                                              force=bool(self.force))
         return result.record(dtype=result.manifest.get("dtype", self.dtype), adapter_version=self.adapter["version"],
-                             base_model=self.base_model)
+                             base_model=self.base_model, backend=result.manifest.get("backend", backend))

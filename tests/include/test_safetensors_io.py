@@ -12,19 +12,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from include.merge_writer import ShardedWriter, plan_shards, shard_names
 from include.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
     SafetensorsFormatError,
-    ShardedWriter,
     TensorSpec,
     iter_tensor_bytes,
     iter_tensor_chunks,
     list_model_tensors,
-    plan_shards,
     read_header,
     read_tensor,
-    shard_names,
 )
 
 
@@ -200,3 +198,30 @@ def test_model_dir_listing_errors(tmp_path: Path) -> None:
     (tmp_path / INDEX_FILE).write_text("{}")
     with pytest.raises(SafetensorsFormatError, match=r"not a valid safetensors index"):
         list_model_tensors(tmp_path)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_copy_tensor_in_kernel_or_through_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 kernel_copy: bool) -> None:
+    ref = reference_tensors()
+    save_file(ref, tmp_path / "src.safetensors")
+    infos, _ = read_header(tmp_path / "src.safetensors")
+    if not kernel_copy:  # e.g. an old kernel or a filesystem without copy_file_range
+
+        def unsupported(*args: object) -> int:
+            raise OSError(95, "Operation not supported")
+
+        monkeypatch.setattr("include.merge_writer.os.copy_file_range", unsupported)
+    out = tmp_path / "out"
+    out.mkdir()
+    specs = [TensorSpec(n, i.dtype, i.shape) for n, i in infos.items()]
+    with ShardedWriter(out, specs, max_shard_bytes=4096) as writer:
+        for name, info in infos.items():
+            writer.copy_tensor(name, info)
+    got = load_all(out)
+    assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    (tmp_path / "x").mkdir()
+    with pytest.raises(SafetensorsFormatError, match=r"cannot copy F32"), \
+            ShardedWriter(tmp_path / "x", [TensorSpec("a.f32", "BF16", (64, 48))]) as writer:
+        writer.copy_tensor("a.f32", infos["a.f32"])
+    assert list((tmp_path / "x").iterdir()) == []  # the partial file is removed

@@ -85,9 +85,28 @@ def test_default_base_model_name_is_the_base_dir(tiny: tuple[Path, Path], tmp_pa
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
-    [({"dtype": "float8"}, "'float8'"), ({"arch": "qwen2"}, "'qwen2'"), ({"hidden_size": 250}, "250")],
+    [({"dtype": "float8"}, "'float8'"), ({"arch": "gpt2"}, "'gpt2'"), ({"hidden_size": 250}, "250")],
 )
 def test_bad_arguments_are_rejected(tmp_path: Path, kwargs: dict[str, object], needle: str) -> None:
     with pytest.raises(LoraDeployError, match=needle):
         make_base_model(tmp_path / "base", **kwargs)  # type: ignore[arg-type]
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma"])
+def test_other_architectures_load_and_differ(arch: str, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = make_base_model(tmp_path / arch, arch=arch, dtype="bfloat16")  # type: ignore[arg-type]
+    config = json.loads((base / "config.json").read_text())
+    assert config["model_type"] == arch and config["hidden_size"] == HIDDEN
+    model = AutoModelForCausalLM.from_pretrained(base)
+    state = model.state_dict()
+    if arch == "qwen2":  # q/k/v biases exist and are non-zero (so LoRA bias and trained biases matter)
+        assert all(state[f"model.layers.0.self_attn.{p}.bias"].abs().max() > 0 for p in ("q_proj", "k_proj", "v_proj"))
+    assert config["tie_word_embeddings"] is (arch == "gemma")
+    if arch == "gemma":
+        assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    logits = model(torch.tensor([[1, 5, 9]])).logits
+    assert logits.shape == (1, 3, VOCAB) and torch.isfinite(logits).all()
