@@ -151,7 +151,7 @@ class ArtifactStore:
     def _remove_stale_temps(self, final: Path) -> None:
         for candidate in final.parent.glob(f".{final.name}{_TMP_MARK}*"):
             owner = candidate.name.split(_TMP_MARK, 1)[1].split("-", 1)[0]
-            if owner.isdigit() and _pid_alive(int(owner)) and int(owner) != os.getpid():
+            if owner.isdigit() and pid_alive(int(owner)) and int(owner) != os.getpid():
                 continue
             log.info("removing the remains of an interrupted build: %s", candidate)
             shutil.rmtree(candidate, ignore_errors=True)
@@ -174,7 +174,8 @@ def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (so its temp files may still be in use)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

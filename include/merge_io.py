@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from include.artifacts import pid_alive
 from include.errors import MergeError
 from include.safetensors_io import INDEX_FILE
 
@@ -37,23 +38,13 @@ def check_out_dir(out_dir: Path) -> None:
         )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def new_stage(out_dir: Path) -> Path:
     """Create this process's staging dir next to ``out_dir``, deleting stages of processes that are gone."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{out_dir.name}.merging-"
     for old in out_dir.parent.glob(f"{prefix}*"):
         pid = old.name.removeprefix(prefix)
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             log.info("removing %s, left by a merge (pid %s) that did not finish", old, pid)
             shutil.rmtree(old, ignore_errors=True)
     stage = out_dir.parent / f"{prefix}{os.getpid()}"
