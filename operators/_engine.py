@@ -20,3 +20,8 @@ def engine_errors(model: str) -> Iterator[None]:
         if not err.retryable:
             raise AirflowFailException(str(err)) from err
         raise
+
+
+def as_bool(value: object) -> bool:
+    """A rendered templated flag as a bool: native True/False, or the strings 'true'/'false' (any case)."""
+    return value if isinstance(value, bool) else str(value).strip().lower() == "true"

@@ -16,7 +16,7 @@ from include.errors import SourceError
 from include.sources import LocalSource, SSHSource
 from include.transfer_ssh import SSHEndpoint, connect
 from include.vastai import VastAIClient, resolve_api_key, resolve_base_url
-from operators._engine import engine_errors
+from operators._engine import as_bool, engine_errors
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class VastAIDownloadOperator(BaseOperator):
         store = ArtifactStore(self.artifact_root)
         version = str(self.adapter_version).strip() or None if self.adapter_version else None
         not_after = None if version else self.dated_selection(context)
-        force = str(self.force).lower() == "true"
+        force = as_bool(self.force)
         with engine_errors(self.model):
             if self.source_kind not in ("local", "ssh", "vastai"):
                 raise SourceError(f"source kind {self.source_kind!r} is not one of 'local', 'ssh', 'vastai'",

@@ -11,7 +11,7 @@ from airflow.sdk import BaseOperator, Context
 from include.artifacts import ArtifactStore, StageResult
 from include.errors import GGUFError
 from include.toolchain import LlamaCppToolchain, pinned_toolchain
-from operators._engine import engine_errors
+from operators._engine import as_bool, engine_errors
 
 
 class GGUFQuantizeOperator(BaseOperator):
@@ -67,7 +67,7 @@ class GGUFQuantizeOperator(BaseOperator):
             types = self._checked_types(gguf.known_quant_types())
             toolchain = self._toolchain()
             store = ArtifactStore(self.artifact_root)
-            force = bool(self.force)
+            force = as_bool(self.force)
 
             metadata = {"general.name": self.model, "general.version": str(self.merged.get("adapter_version", ""))}
 

@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator, Context
 
 from include.artifacts import ArtifactStore
 from include.base_model import fingerprint, resolve_base_model
-from operators._engine import engine_errors
+from operators._engine import as_bool, engine_errors
 
 MERGE_ENGINE_VERSION = "2"  # 2: float64 merge math, DoRA/bias/embedding/modules_to_save
 
@@ -72,6 +72,6 @@ class MergeOperator(BaseOperator):
                                    expected_base=self.base_model, max_shard_bytes=self.max_shard_mb * 1024 * 1024)
 
             result = ArtifactStore(self.artifact_root).build(self.model, "merged", inputs, produce,
-                                                             force=bool(self.force))
+                                                             force=as_bool(self.force))
         return result.record(dtype=result.manifest.get("dtype", self.dtype), adapter_version=self.adapter["version"],
                              base_model=self.base_model, backend=result.manifest.get("backend", backend))

@@ -6,7 +6,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from include.errors import ConfigError, HealthError
-from operators._engine import engine_errors
+from operators._engine import as_bool, engine_errors
 from operators.download import VastAIDownloadOperator
 from operators.gguf import GGUFQuantizeOperator
 from operators.health import HealthCheckSensor
@@ -62,3 +62,9 @@ def test_publish_without_a_token_names_the_connection(monkeypatch):
                                      repo_id="acme/m-GGUF", hf_conn_id="hf_missing_conn")
     with pytest.raises(AirflowFailException, match="connection 'hf_missing_conn' is missing"):
         operator.execute({})
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, True), (False, False), ("True", True), ("false", False),
+                                                 ("False", False), ("", False), (None, False)])
+def test_rendered_force_flags_are_read_as_booleans(value, expected):
+    assert as_bool(value) is expected
