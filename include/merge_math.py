@@ -207,23 +207,31 @@ class _Merger:
                     sums += np.einsum("ij,ij->j", block, block)
             self.column_factor = self.magnitude / np.sqrt(sums)
 
-    def _sub_blocks(self, rows: slice, weight: np.ndarray) -> Iterator[tuple[slice, slice, np.ndarray]]:
-        """``(local rows, stored rows, W + D)`` for cache-sized sub-blocks of ``rows`` (float64 scratch)."""
+    def _scratch_blocks(self, rows: slice, weight: np.ndarray) -> Iterator[tuple[slice, slice, np.ndarray]]:
+        """``(local rows, stored rows, float64 scratch)`` for cache-sized sub-blocks of ``rows``."""
         count, cols = weight.shape
         step = max(1, SUB_BLOCK_BYTES // (8 * cols))
         scratch = _buffer("f64", np.float64, (min(step, count), cols))
         for start in range(0, count, step):
             stop = min(start + step, count)
-            block, stored = scratch[: stop - start], slice(rows.start + start, rows.start + stop)
+            yield slice(start, stop), slice(rows.start + start, rows.start + stop), scratch[: stop - start]
+
+    def _low_rank_into(self, lr: LowRank, stored: slice, out: np.ndarray) -> None:
+        """``out = D`` for the stored rows (fan_in_fan_out / embedding: stored (in, out), rows index A's columns)."""
+        if lr.transpose:
+            np.matmul(self.a[:, stored].T, self.b.T, out=out)
+        else:
+            np.matmul(self.b[stored], self.a, out=out)
+
+    def _sub_blocks(self, rows: slice, weight: np.ndarray) -> Iterator[tuple[slice, slice, np.ndarray]]:
+        """``(local rows, stored rows, W + D)`` for cache-sized sub-blocks of ``rows`` (float64 scratch)."""
+        for local, stored, block in self._scratch_blocks(rows, weight):
             if self.lr is None:
-                np.copyto(block, weight[start:stop])
-            else:  # fan_in_fan_out / embedding: stored (in, out), so the rows index A's columns
-                if self.lr.transpose:
-                    np.matmul(self.a[:, stored].T, self.b.T, out=block)
-                else:
-                    np.matmul(self.b[stored], self.a, out=block)
-                block += weight[start:stop]
-            yield slice(start, stop), stored, block
+                np.copyto(block, weight[local])
+            else:
+                self._low_rank_into(self.lr, stored, block)
+                block += weight[local]
+            yield local, stored, block
 
     def output(self, rows: slice, out_code: str) -> np.ndarray:
         """These rows merged, rounded once to float32, range-checked, cast to ``out_code``, as bytes."""
@@ -238,17 +246,9 @@ class _Merger:
 
     def _plain(self, lr: LowRank, rows: slice, weight: np.ndarray, values: np.ndarray) -> None:
         """Plain LoRA: ``values = float32(D + W)``, the float64 add and the one rounding fused in one pass."""
-        count, cols = weight.shape
-        step = max(1, SUB_BLOCK_BYTES // (8 * cols))
-        scratch = _buffer("f64", np.float64, (min(step, count), cols))
-        for start in range(0, count, step):
-            stop = min(start + step, count)
-            delta, stored = scratch[: stop - start], slice(rows.start + start, rows.start + stop)
-            if lr.transpose:
-                np.matmul(self.a[:, stored].T, self.b.T, out=delta)
-            else:
-                np.matmul(self.b[stored], self.a, out=delta)
-            np.add(delta, weight[start:stop], out=values[start:stop], casting="same_kind")
+        for local, stored, delta in self._scratch_blocks(rows, weight):
+            self._low_rank_into(lr, stored, delta)
+            np.add(delta, weight[local], out=values[local], casting="same_kind")
 
     def _general(self, rows: slice, weight: np.ndarray, values: np.ndarray) -> None:
         """Replacement-only, DoRA and bias edits: W + D in float64, rescaled / shifted, then rounded once."""
