@@ -19,6 +19,7 @@ from typing import Any
 
 from include.artifacts import ArtifactStore
 from include.errors import IntegrityError, SourceError
+from include.fileops import link_or_copy
 from include.hashing import sha256_file
 from include.sources import AdapterSource, Checkpoint, SourceFile
 from include.transfer import TransferResult, summary
@@ -167,10 +168,7 @@ def _adopt(store: ArtifactStore, model: str, item: SourceFile, staging: Path) ->
     if found is None:
         return False
     target = staging / item.name
-    try:
-        os.link(found, target)
-    except OSError:
-        shutil.copyfile(found, target)
+    link_or_copy(found, target)
     if sha256_file(target) != item.sha256:  # the stored copy was damaged: never spread it
         target.unlink()
         return False

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from include.errors import InstallError
+from include.fileops import link_or_copy
 from include.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,7 @@ def _place(src: Path, dest: Path, sha256: str) -> bool:
         return dest.stat().st_ino == src.stat().st_ino
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        try:
-            os.link(src, tmp)
-            linked = True
-        except OSError:
-            with src.open("rb") as reader, tmp.open("wb") as writer:
-                shutil.copyfileobj(reader, writer, 8 << 20)
-                writer.flush()
-                os.fsync(writer.fileno())
-            linked = False
+        linked = link_or_copy(src, tmp)
         os.replace(tmp, dest)
     except OSError as err:
         tmp.unlink(missing_ok=True)
