@@ -8,6 +8,7 @@ PyPI ``gguf`` package (whose versions drift from the pinned converter) nor the v
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from include.errors import GGUFError
 from include.hashing import sha256_file
 
 GGUF_MAGIC = b"GGUF"
+SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 DEFAULT_ALIGNMENT = 32
 QK_K = 256
 
@@ -101,6 +103,7 @@ class GGUFSummary:
     matrix_weights_by_type: dict[str, int] = field(default_factory=dict)  # same, 2-D+ tensors only
     metadata: dict[str, Any] = field(default_factory=dict)  # scalar and short-array KVs (no vocab)
     tensors: tuple[TensorInfo, ...] = field(default=(), repr=False, compare=False)
+    shards: tuple[dict[str, Any], ...] = ()  # split GGUF: {"path", "bytes", "sha256"} per shard (path = first)
 
     @property
     def file_type(self) -> int | None:
@@ -118,6 +121,7 @@ class GGUFSummary:
         """Small JSON-able dict of the summary: no per-tensor list, long strings (chat templates) elided."""
         record = asdict(self)
         record.pop("tensors")
+        record["shards"] = [dict(shard) for shard in self.shards]
         record["metadata"] = {
             key: f"<{len(value)} chars>" if isinstance(value, str) and len(value) > _MAX_RECORD_STRING else value
             for key, value in self.metadata.items()
@@ -271,4 +275,45 @@ def _parse(buf: Any, path: Path, size: int) -> GGUFSummary:
         matrix_weights_by_type=dict(sorted(matrix_by_type.items())),
         metadata=metadata,
         tensors=tuple(tensors),
+    )
+
+
+def split_shards(first: Path) -> list[Path]:
+    """The shard files of a split GGUF (``NAME-00001-of-0000N.gguf``) starting at ``first``; [first] if not split."""
+    first = Path(first)
+    match = SPLIT_NAME.match(first.name)
+    if not match:
+        return [first]
+    count = int(match.group("count"))
+    return [first.with_name(f"{match.group('stem')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def inspect_split(first: Path) -> GGUFSummary:
+    """Summarise a split GGUF as one model: weights and types over all shards, real bits per weight, shards."""
+    paths = split_shards(first)
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise GGUFError(f"split GGUF {str(first)!r} is incomplete: missing {missing}",
+                        fix="re-create the split output; keep all shards in one directory")
+    parts = [inspect_gguf(p) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    by_type: dict[str, int] = {}
+    matrix: dict[str, int] = {}
+    data_bits = 0.0
+    for part in parts:
+        for name, count in part.weights_by_type.items():
+            by_type[name] = by_type.get(name, 0) + count
+        for name, count in part.matrix_weights_by_type.items():
+            matrix[name] = matrix.get(name, 0) + count
+        data_bits += part.bits_per_weight * sum(part.weights_by_type.values())
+    total = sum(by_type.values())
+    head = parts[0]
+    return GGUFSummary(
+        path=head.path, bytes=sum(p.bytes for p in parts), sha256=head.sha256, version=head.version,
+        tensor_count=sum(p.tensor_count for p in parts), architecture=head.architecture,
+        weights_by_type=dict(sorted(by_type.items())), bits_per_weight=round(data_bits / total, 4) if total else 0.0,
+        matrix_weights_by_type=dict(sorted(matrix.items())), metadata=head.metadata,
+        tensors=tuple(t for p in parts for t in p.tensors),
+        shards=tuple({"path": p.path, "bytes": p.bytes, "sha256": p.sha256} for p in parts),
     )

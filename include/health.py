@@ -2,6 +2,9 @@
 
 - :func:`check_endpoint` is the **live** check: the model is listed by ``GET /v1/models`` and
   ``POST /v1/completions`` returns at least one token; it reports latency and tokens/s.
+- :func:`check_chat` is the same through ``POST /v1/chat/completions`` with the model's system prompt (what
+  LM Studio users send); :func:`evaluate` turns a report into named checks against the thresholds.
+- :func:`check_gguf_file` checks an installed file: size, sha256 against the record, GGUF magic and version.
 - :func:`smoke_test` is the **smoke** check of an artifact before promotion: it serves the GGUF with an
   ephemeral ``python -m llama_cpp.server`` on a free loopback port, runs :func:`check_endpoint` against it
   and always stops the server's whole process group.
@@ -14,8 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -219,3 +224,115 @@ def smoke_test(gguf_path: Path, *, model_id: str, prompt: str, max_tokens: int =
             raise
     report["startup_s"] = round(startup, 3)
     return report
+
+
+GGUF_VERSIONS = (2, 3)
+
+
+def check(name: str, ok: bool, detail: str) -> dict[str, Any]:
+    """One named check of a health report."""
+    return {"name": name, "ok": bool(ok), "detail": detail}
+
+
+def check_gguf_file(path: Path, *, size: int | None, sha256: str | None) -> list[dict[str, Any]]:
+    """Checks of an installed GGUF: it exists, has the recorded size and sha256, GGUF magic and a known version."""
+    from include.hashing import sha256_file
+
+    path = Path(path)
+    if not path.is_file():
+        return [check("file", False, f"{str(path)!r} does not exist")]
+    checks = []
+    actual = path.stat().st_size
+    checks.append(check("size", size is None or actual == size, f"{actual} bytes (record: {size})"))
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    magic_ok = head[:4] == b"GGUF"
+    checks.append(check("gguf_magic", magic_ok, f"magic {head[:4]!r}"))
+    version = struct.unpack("<I", head[4:8])[0] if len(head) == 8 else None
+    checks.append(check("gguf_version", magic_ok and version in GGUF_VERSIONS,
+                        f"version {version} (supported: {list(GGUF_VERSIONS)})"))
+    if sha256 is not None:
+        digest = sha256_file(path)
+        checks.append(check("sha256", digest == sha256, f"{digest[:16]}... (record: {sha256[:16]}...)"))
+    return checks
+
+
+def chat_body(model_id: str, *, system_prompt: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """The OpenAI chat-completions request of a health check (deterministic: temperature 0)."""
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
+    return {"model": model_id, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": False}
+
+
+def served_ids(listing: dict[str, Any]) -> list[str]:
+    """The model ids of a ``GET /v1/models`` answer."""
+    return [str(item.get("id")) for item in listing.get("data", []) if isinstance(item, dict)]
+
+
+def chat_report(base_url: str, model_id: str, result: dict[str, Any], latency: float) -> dict[str, Any]:
+    """The figures of one chat completion: latency, completion tokens, tokens/s and the answer excerpt."""
+    choices = result.get("choices") or [{}]
+    message = choices[0].get("message") or {}
+    answer = str(message.get("content") or choices[0].get("text") or "")
+    tokens = int((result.get("usage") or {}).get("completion_tokens") or 0)
+    return {"endpoint": base_url, "model_id": model_id, "latency_s": round(latency, 3), "completion_tokens": tokens,
+            "tokens_per_s": round(tokens / latency, 2) if latency > 0 else None,
+            "answer_excerpt": answer[:ANSWER_CHARS]}
+
+
+def check_chat(base_url: str, *, model_id: str, system_prompt: str, prompt: str, max_tokens: int = 16,
+               timeout_s: float = 60) -> dict[str, Any]:
+    """``GET /v1/models`` lists ``model_id`` and ``POST /v1/chat/completions`` answers; HealthError if not.
+
+    Returns :func:`chat_report`'s figures (thresholds are applied by :func:`evaluate`).
+    """
+    base = base_url.rstrip("/")
+    deadline = time.monotonic() + timeout_s
+    try:
+        listing = _request(f"{base}/v1/models", body=None, timeout_s=deadline - time.monotonic())
+    except (OSError, ValueError, TypeError) as e:
+        raise _fail(base_url, f"GET /v1/models failed ({_describe(e)})",
+                    "check that the server is running and the URL (scheme, host, port) is right") from e
+    if model_id not in served_ids(listing):
+        raise _fail(base_url, f"model {model_id!r} is not listed by /v1/models (served: {served_ids(listing)!r})",
+                    "load the model (LM Studio: `lms load`) or check lmstudio.identifier")
+    body = chat_body(model_id, system_prompt=system_prompt, prompt=prompt, max_tokens=max_tokens)
+    started = time.monotonic()
+    try:
+        result = _request(f"{base}/v1/chat/completions", body=body, timeout_s=deadline - time.monotonic())
+    except (OSError, ValueError, TypeError) as e:
+        raise _fail(base_url, f"POST /v1/chat/completions for {model_id!r} failed ({_describe(e)})",
+                    "check the server log; the model may have failed to load or the request timed out") from e
+    return chat_report(base_url, model_id, result, time.monotonic() - started)
+
+
+def evaluate(figures: dict[str, Any], *, max_latency_s: float, min_tokens_per_s: float,
+             min_answer_tokens: int) -> list[dict[str, Any]]:
+    """Named checks of a chat report against the thresholds of ``health``."""
+    latency, tokens, rate = figures["latency_s"], figures["completion_tokens"], figures["tokens_per_s"] or 0.0
+    return [
+        check("answer_tokens", tokens >= min_answer_tokens, f"{tokens} tokens (min_answer_tokens {min_answer_tokens})"),
+        check("latency", latency <= max_latency_s, f"{latency:.2f} s (max_latency_s {max_latency_s})"),
+        check("tokens_per_s", rate >= min_tokens_per_s, f"{rate:.1f} tokens/s (min_tokens_per_s {min_tokens_per_s})"),
+    ]
+
+
+def resources(models_dir: Path | str, artifact_root: Path | str) -> dict[str, Any]:
+    """Free disk of the models dir and artifact root, and MemAvailable (bytes; None when unknown)."""
+    def free(path: Path | str) -> int | None:
+        probe = Path(path)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            return shutil.disk_usage(probe).free
+        except OSError:
+            return None
+
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {"disk_free_bytes": {"models_dir": free(models_dir), "artifact_root": free(artifact_root)},
+            "mem_available_bytes": mem}

@@ -1,25 +1,36 @@
 """Publish GGUFs to a Hugging Face model repo and point a Gradio Space at them.
 
-One call, :func:`publish_model`, does: create the model repo (``exist_ok``), one commit with the GGUFs (LFS)
-and the model card, a tag for the adapter version, then (when a Space is configured) the Space's files,
-its variables ``MODEL_REPO`` / ``MODEL_FILE`` / ``MODEL_REVISION`` and, for private repos, the secret
-``HF_TOKEN``. Hub errors become :class:`~include.errors.PublishError` with the server's message and a fix.
-The token is never logged, returned or uploaded in a file.
+One call, :func:`publish_model`, does: create the model repo (``exist_ok``), read what ``main`` holds
+(``lora-deploy.json``: ``{"version", "adapter_time"}``), then one commit with the GGUFs (LFS), the model card and
+``lora-deploy.json``, and a tag ``v-<version>``:
+
+- a newer (or first) adapter version is committed on ``main``; the Space (when configured) is then repointed
+  (:mod:`include.hf_space`);
+- an OLDER adapter version (a backfill: its adapter time is before the one on ``main``) is committed on a
+  temporary branch made from ``main``, tagged, and the branch deleted: the tag addresses it, ``main`` and the
+  Space keep the newer version;
+- a version whose tag already holds the same GGUFs (same sha256) is a no-op.
+
+Every Hub call goes through :class:`~include.hf_retry.HubCaller` (429/5xx retried honouring Retry-After, errors
+with the server's message and a fix). The token is never logged, returned or uploaded in a file.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import re
-from collections.abc import Iterator
+import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from include.errors import ConfigError, LoraDeployError, PublishError
+from include.errors import ConfigError, PublishError
 from include.hashing import digest_of
-from include.model_card import model_card_text, space_files
+from include.hf_retry import TOKEN_FIX, HubCaller
+from include.hf_space import publish_space
+from include.model_card import model_card_text
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +38,8 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 QUANT = re.compile(r"[A-Za-z0-9_]{1,32}")
 MODEL_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,95}")
 HARDWARE = re.compile(r"[a-z0-9-]{1,40}")
-TOKEN_FIX = ("create a token with the 'write' role at https://huggingface.co/settings/tokens and set it as the "
-             "password of the Airflow connection 'huggingface_default'")
+STATE_FILE = "lora-deploy.json"
+MEASURED = ("bits_per_weight", "perplexity", "perplexity_f16", "ppl_ratio")  # quant record figures for the card
 
 
 @dataclass(frozen=True)
@@ -36,7 +47,8 @@ class HubTarget:
     """Where to publish: model repo, optional Space, visibility and credentials.
 
     ``space_token`` (optional) is the token stored as the Space secret ``HF_TOKEN`` for private repos; a
-    read-only token is the safer choice. It defaults to ``token``.
+    read-only token is the safer choice. It defaults to ``token``. ``space_quant`` picks the GGUF the Space
+    serves (default: the first); ``max_retries`` bounds the retries of one Hub call on 429/5xx.
     """
 
     repo_id: str
@@ -46,10 +58,15 @@ class HubTarget:
     endpoint: str | None = None
     space_hardware: str = "cpu-basic"
     space_token: str | None = field(default=None, repr=False)
+    space_quant: str | None = None
+    system_prompt: str = "You are a helpful assistant."
+    max_retries: int = 4
+    max_wait_s: float = 60.0
 
     def __repr__(self) -> str:
         return (f"HubTarget(repo_id={self.repo_id!r}, space_id={self.space_id!r}, private={self.private!r}, "
-                f"endpoint={self.endpoint!r}, space_hardware={self.space_hardware!r}, token='***')")
+                f"endpoint={self.endpoint!r}, space_hardware={self.space_hardware!r}, "
+                f"space_quant={self.space_quant!r}, token='***')")
 
 
 def version_tag(version: str) -> str:
@@ -68,44 +85,148 @@ def repo_file_name(model: str, quant: str) -> str:
     return f"{model}-{quant}.gguf"
 
 
-def publish_model(*, model: str, version: str, target: HubTarget, ggufs: list[dict], card: dict) -> dict:
-    """Publish ``ggufs`` (items ``{"quant", "path", "bytes", "sha256"}``) with a model card; see module doc.
+def publish_model(*, model: str, version: str, target: HubTarget, ggufs: list[dict], card: dict,
+                  adapter_time: str | None = None, sleep: Any = None) -> dict[str, Any]:
+    """Publish ``ggufs`` (records ``{"quant", "path", "bytes", "sha256", ...}``) with a model card; see module doc.
 
-    Returns ``{"repo_id", "repo_url", "commit", "tag", "files", "space_id", "space_url", "space_commit"}``.
-    Re-publishing the same version is idempotent (no new commit when nothing changed; the tag is kept or moved
-    to the new commit). Raises ConfigError for a bad target or version, PublishError for the rest.
+    ``adapter_time`` (ISO-8601) orders versions: older than ``main``'s means a backfill. Returns ``{"repo_id",
+    "repo_url", "version", "commit", "tag", "revision", "main_moved", "files", "space_id", "space_url",
+    "space_action"}`` (``space_action``: created / updated / restarted / unchanged, or None when the Space was
+    not touched). Raises ConfigError for a bad target or version, PublishError for the rest.
     """
     _check_target(model, version, target)
     files = _check_ggufs(model, ggufs)
+    if target.space_quant and target.space_quant not in {f["quant"] for f in files}:
+        raise ConfigError(f"hf.space_quant {target.space_quant!r} is not among the published quants "
+                          f"{[f['quant'] for f in files]}", model=model,
+                          fix="set hf.space_quant to one of quantize.types, or remove it to serve the first")
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     ops: list[Any] = [CommitOperationAdd(f["name"], f["path"]) for f in files]
     _check_hashes(model, files, ops)
     api = HfApi(endpoint=target.endpoint, token=target.token, library_name="lora-deploy")
-    log.info("model %r: publishing %d GGUF(s) of version %r to %s", model, len(files), version, target.repo_id)
-    with _hub_errors(model, "create the model repo", target.repo_id, target):
-        repo_url = api.create_repo(target.repo_id, private=target.private, exist_ok=True)
-        existing = api.list_repo_files(target.repo_id)
-    readme = model_card_text(model=model, version=version, repo_id=target.repo_id, files=files, card=card)
+    call = HubCaller(model, secrets=(target.token, target.space_token), max_retries=target.max_retries,
+                     max_wait_s=target.max_wait_s, endpoint=target.endpoint, **({"sleep": sleep} if sleep else {}))
+    repo_id, tag = target.repo_id, version_tag(version)
+    log.info("model %r: publishing %d GGUF(s) of version %r to %s", model, len(files), version, repo_id)
+    repo_url = str(call("create the model repo", repo_id, api.create_repo, repo_id, private=target.private,
+                        exist_ok=True))
+    refs = call("list the refs of", repo_id, api.list_repo_refs, repo_id)
+    tags = {ref.name: ref.target_commit for ref in refs.tags}
+    main_before = next((ref.target_commit for ref in refs.branches if ref.name == "main"), None)
+    record: dict[str, Any] = {
+        "repo_id": repo_id, "repo_url": repo_url, "version": version, "commit": None, "tag": tag, "revision": tag,
+        "main_moved": False, "files": [f["name"] for f in files], "space_id": target.space_id,
+        "space_url": _space_url(target), "space_action": None}
+    if tag in tags and _same_files(call, api, repo_id, tags[tag], files):
+        log.info("model %r: tag %r already holds these GGUFs (commit %s): nothing to publish", model, tag,
+                 tags[tag][:12])
+        return {**record, "commit": tags[tag]}
+    on_main = _read_state(call, api, repo_id)
+    backfill = _is_older(adapter_time, on_main) and on_main.get("version") != version
+    state = {"version": version, "adapter_time": adapter_time, "model": model,
+             "files": {f["name"]: f["sha256"] for f in files}}
+    readme = model_card_text(model=model, version=version, repo_id=repo_id, files=files,
+                             card={**card, "adapter_time": adapter_time})
     ops.append(CommitOperationAdd("README.md", readme.encode("utf-8")))
+    ops.append(CommitOperationAdd(STATE_FILE, (json.dumps(state, indent=2) + "\n").encode("utf-8")))
+    existing = call("list the files of", repo_id, api.list_repo_files, repo_id)
     names = {f["name"] for f in files}
     stale = sorted(p for p in existing if re.fullmatch(re.escape(model) + r"-\w+\.gguf", p) and p not in names)
     ops += [CommitOperationDelete(p) for p in stale]
-    with _hub_errors(model, "commit the GGUFs to", target.repo_id, target):
-        info = api.create_commit(target.repo_id, ops, commit_message=f"lora-deploy: {model} adapter {version}",
-                                 commit_description=f"Quantizations: {', '.join(f['quant'] for f in files)}.")
-    commit = str(info.oid)
-    log.info("model %r: commit %s on %s (removed stale: %s)", model, commit, target.repo_id, stale or "none")
-    tag = version_tag(version)
-    with _hub_errors(model, f"tag {tag!r} on", target.repo_id, target):
-        _ensure_tag(api, target.repo_id, tag, commit, f"adapter version {version}", model)
-    record: dict[str, Any] = {"repo_id": target.repo_id, "repo_url": str(repo_url), "commit": commit, "tag": tag,
-                              "files": [f["name"] for f in files], "space_id": None, "space_url": None,
-                              "space_commit": None}
-    if target.space_id:
-        smallest = min(files, key=lambda f: f["bytes"])["name"]
-        record.update(_publish_space(api, model=model, target=target, model_file=smallest, revision=commit))
+    message = {"commit_message": f"lora-deploy: {model} adapter {version}",
+               "commit_description": f"Quantizations: {', '.join(f['quant'] for f in files)}."}
+    if backfill:
+        log.info("model %r: version %r (adapter time %s) is older than %r on main (%s): backfilling it under tag "
+                 "%r without moving main", model, version, adapter_time, on_main.get("version"),
+                 on_main.get("adapter_time"), tag)
+        commit = _commit_on_side_branch(call, api, repo_id, tag, ops, message, set(b.name for b in refs.branches))
+    else:
+        info = call("commit the GGUFs to", repo_id, api.create_commit, repo_id, ops, **message)
+        commit = str(info.oid)
+        record["main_moved"] = commit != main_before
+    log.info("model %r: commit %s on %s (%s; removed stale: %s)", model, commit, repo_id,
+             "backfill" if backfill else "main", stale or "none")
+    call(f"tag {tag!r} on", repo_id, _ensure_tag, api, repo_id, tag, commit, f"adapter version {version}", model)
+    if backfill:
+        _delete_side_branch(call, api, repo_id, tag)
+    record["commit"] = commit
+    if target.space_id and record["main_moved"]:
+        served = next((f for f in files if f["quant"] == target.space_quant), files[0])["name"]
+        record.update(publish_space(api, call, model=model, model_repo=repo_id, space_id=target.space_id,
+                                    private=target.private, hardware=target.space_hardware, model_file=served,
+                                    revision=commit, system_prompt=target.system_prompt,
+                                    space_token=target.space_token or target.token))
+        record.pop("space_commit", None)
+    elif target.space_id:
+        log.info("model %r: main did not move: Space %s left as it is", model, target.space_id)
     return record
+
+
+def _space_url(target: HubTarget) -> str | None:
+    if not target.space_id:
+        return None
+    return f"{(target.endpoint or 'https://huggingface.co').rstrip('/')}/spaces/{target.space_id}"
+
+
+def _same_files(call: HubCaller, api: Any, repo_id: str, commit: str, files: list[dict]) -> bool:
+    """Whether ``commit`` holds exactly these GGUFs (names and LFS sha256)."""
+    tree = call("list the files of", repo_id, lambda: list(api.list_repo_tree(repo_id, revision=commit)))
+    held = {e.path: e.lfs.sha256 for e in tree if getattr(e, "lfs", None) is not None and e.path.endswith(".gguf")}
+    return held == {f["name"]: f["sha256"] for f in files}
+
+
+def _read_state(call: HubCaller, api: Any, repo_id: str) -> dict[str, Any]:
+    """``lora-deploy.json`` on ``main`` (``{}`` when absent or unreadable as JSON)."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def fetch() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="lora-deploy-hf-") as cache:
+            try:
+                path = api.hf_hub_download(repo_id, STATE_FILE, revision="main", cache_dir=cache)
+            except EntryNotFoundError:
+                return {}
+            try:
+                data = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                log.warning("%s on main of %s is not JSON: treating main as empty", STATE_FILE, repo_id)
+                return {}
+            return data if isinstance(data, dict) else {}
+
+    return call(f"read {STATE_FILE} of", repo_id, fetch)
+
+
+def _is_older(adapter_time: str | None, on_main: dict[str, Any]) -> bool:
+    """True when ``adapter_time`` is strictly before the adapter time recorded on ``main``."""
+    ours, theirs = _parse_time(adapter_time), _parse_time(on_main.get("adapter_time"))
+    return ours is not None and theirs is not None and ours < theirs
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else None
+
+
+def _commit_on_side_branch(call: HubCaller, api: Any, repo_id: str, tag: str, ops: list[Any], message: dict,
+                           branches: set[str]) -> str:
+    """Commit ``ops`` on a temporary branch made from ``main``; return the commit (the caller tags it)."""
+    branch = f"lora-deploy-backfill-{tag}"[:120]
+    if branch in branches:  # left over by an interrupted run: start again from main
+        call(f"delete the branch {branch!r} of", repo_id, api.delete_branch, repo_id, branch=branch)
+    call(f"create the branch {branch!r} of", repo_id, api.create_branch, repo_id, branch=branch, revision="main")
+    info = call("commit the GGUFs to", repo_id, api.create_commit, repo_id, ops, revision=branch, **message)
+    return str(info.oid)
+
+
+def _delete_side_branch(call: HubCaller, api: Any, repo_id: str, tag: str) -> None:
+    """Remove the temporary backfill branch once its commit is tagged."""
+    branch = f"lora-deploy-backfill-{tag}"[:120]
+    call(f"delete the branch {branch!r} of", repo_id, api.delete_branch, repo_id, branch=branch)
 
 
 def _check_target(model: str, version: str, target: HubTarget) -> None:
@@ -143,8 +264,9 @@ def _check_ggufs(model: str, ggufs: list[dict]) -> list[dict]:
         if size != int(item.get("bytes", -1)):
             raise PublishError(f"GGUF {str(path)!r} has {size} bytes, its record says {item.get('bytes')!r}",
                                model=model, fix="re-run the quantize stage; the file changed after it was made")
+        measured = {k: item[k] for k in MEASURED if isinstance(item.get(k), (int, float))}
         files.append({"name": repo_file_name(model, quant), "quant": quant, "path": str(path), "bytes": size,
-                      "sha256": str(item.get("sha256", "")).lower()})
+                      "sha256": str(item.get("sha256", "")).lower(), **measured})
     return files
 
 
@@ -174,81 +296,3 @@ def _ensure_tag(api: Any, repo_id: str, tag: str, commit: str, message: str, mod
     log.warning("model %r: moving tag %r from %s to %s (version re-published)", model, tag, current, commit)
     api.delete_tag(repo_id, tag=tag)
     api.create_tag(repo_id, tag=tag, revision=commit, tag_message=message)
-
-
-def _publish_space(api: Any, *, model: str, target: HubTarget, model_file: str, revision: str) -> dict:
-    """Create/update the Gradio Space, then set its variables (only changed ones) and, if private, the secret."""
-    from huggingface_hub import CommitOperationAdd
-
-    space_id = str(target.space_id)
-    with _hub_errors(model, "create the Space", space_id, target):
-        space_url = api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=target.private,
-                                    space_hardware=target.space_hardware, exist_ok=True)
-    rendered = space_files(model=model, model_repo=target.repo_id, hardware=target.space_hardware,
-                           endpoint=target.endpoint)
-    ops = [CommitOperationAdd(name, content) for name, content in rendered.items()]
-    with _hub_errors(model, "commit the app to the Space", space_id, target):
-        info = api.create_commit(space_id, ops, repo_type="space",
-                                 commit_message=f"lora-deploy: serve {target.repo_id}/{model_file}")
-    wanted = {"MODEL_REPO": target.repo_id, "MODEL_FILE": model_file, "MODEL_REVISION": revision}
-    with _hub_errors(model, "set the variables of the Space", space_id, target):
-        current = {k: v.value for k, v in api.get_space_variables(space_id).items()}
-        for key, value in wanted.items():
-            if current.get(key) != value:
-                api.add_space_variable(space_id, key, value, description="set by lora-deploy")
-        if target.private:
-            api.add_space_secret(space_id, "HF_TOKEN", target.space_token or target.token,
-                                 description="read access to the private model repo (lora-deploy)")
-    log.info("model %r: Space %s serves %s @ %s", model, space_id, model_file, revision[:12])
-    return {"space_id": space_id, "space_url": str(space_url), "space_commit": str(info.oid)}
-
-
-@contextlib.contextmanager
-def _hub_errors(model: str, action: str, repo_id: str, target: HubTarget) -> Iterator[None]:
-    """Turn huggingface_hub / transport errors into PublishError with the server's message and a fix."""
-    import httpx2
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-
-    try:
-        yield
-    except LoraDeployError:
-        raise
-    except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else 0
-        server = (e.server_message or str(e).splitlines()[0]).strip()
-        if isinstance(e, RepositoryNotFoundError) and status != 401:
-            status = 404
-        fix = _fix_for(status, repo_id)
-        message = f"could not {action} {repo_id!r}: HTTP {status}: {server}"
-        raise PublishError(_scrub(message, target), model=model, fix=fix) from e
-    except (httpx2.TransportError, OSError) as e:
-        endpoint = target.endpoint or "https://huggingface.co"
-        raise PublishError(_scrub(f"could not {action} {repo_id!r}: {type(e).__name__}: {e}", target), model=model,
-                           fix=f"check that {endpoint!r} is reachable from the worker (proxy, DNS, firewall)") from e
-    except (RuntimeError, ValueError) as e:  # LFS upload failures, invalid README metadata
-        cause = f"{e}: {e.__cause__}" if e.__cause__ else str(e)
-        raise PublishError(_scrub(f"could not {action} {repo_id!r}: {cause}", target), model=model,
-                           fix="see the message; retry the task if it was a transient upload error") from e
-
-
-def _fix_for(status: int, repo_id: str) -> str:
-    namespace = repo_id.split("/")[0]
-    return {
-        401: f"the token was rejected (invalid or expired): {TOKEN_FIX}",
-        402: "the Hub asks for payment (a Gradio Space needs a PRO/Team plan or paid hardware); "
-             "upgrade, or set hf.space_id to null",
-        403: f"the token lacks write access to {namespace!r}: use a token with the 'write' role "
-             "(or a fine-grained token with write permission on that namespace)",
-        404: f"check the repo id {repo_id!r} (namespace/name) in hf.repo_id / hf.space_id, and that the token's "
-             "user or organization owns it",
-        409: "another operation changed the repo at the same time: retry the task",
-        429: "the Hub rate-limited the token: retry the task later",
-    }.get(status, "the Hub failed; retry the task later" if status >= 500 else "see the Hub's message")
-
-
-def _scrub(text: str, target: HubTarget) -> str:
-    """Remove the token(s) from a message, whatever produced it."""
-    for secret in (target.token, target.space_token):
-        if secret:
-            text = text.replace(secret, "***")
-    return text

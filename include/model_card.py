@@ -42,8 +42,10 @@ def _cell(value: Any) -> str:
 def model_card_text(*, model: str, version: str, repo_id: str, files: list[dict], card: dict) -> str:
     """README.md of the model repo: YAML metadata (base_model, tags) and a Markdown body.
 
-    ``files`` items: ``{"name", "quant", "bytes", "sha256"}``. ``card``: ``base_model``, ``adapter_source``,
-    ``adapter_version`` and an optional ``health`` dict (``latency_s``, ``tokens_per_s``).
+    ``files`` items: ``{"name", "quant", "bytes", "sha256"}`` plus, when measured, ``bits_per_weight``,
+    ``perplexity``, ``perplexity_f16`` and ``ppl_ratio``. ``card``: ``base_model``, ``adapter_source``,
+    ``adapter_version``, ``adapter_time``, an optional ``health`` dict (``latency_s``, ``tokens_per_s``) and an
+    optional ``converted`` record (``llama_cpp``, ``fidelity`` with ``max_abs_diff`` / ``mean_kl``).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -54,26 +56,42 @@ def model_card_text(*, model: str, version: str, repo_id: str, files: list[dict]
         pipeline_tag="text-generation",
     )
     adapter_version = card.get("adapter_version") or version
+    source = _cell(card.get("adapter_source") or "unknown")
     lines = [
         f"# {_cell(model)} (GGUF)",
         "",
-        (f"GGUF builds of `{_cell(model)}`: the LoRA adapter `{_cell(card.get('adapter_source', 'unknown'))}` "
-         f"(version `{_cell(adapter_version)}`) merged into `{_cell(base_model or 'unknown')}`, converted and "
-         "quantized with llama.cpp by lora-deploy."),
+        (f"GGUF builds of `{_cell(model)}`: the LoRA adapter `{source}` (version `{_cell(adapter_version)}`) merged "
+         f"into `{_cell(base_model or 'unknown')}`, converted and quantized with llama.cpp by lora-deploy."),
         "",
         "## Files",
         "",
-        "| File | Quant | Size | SHA256 |",
-        "|---|---|---|---|",
-        *(f"| [{_cell(f['name'])}](./{_cell(f['name'])}) | {_cell(f['quant'])} | {human_size(int(f['bytes']))} "
-          f"| `{_cell(f['sha256'])}` |" for f in files),
+        "| File | Quant | Size | Bits/weight | Perplexity | PPL vs f16 | SHA256 |",
+        "|---|---|---|---|---|---|---|",
+        *(_file_row(f) for f in files),
         "",
+    ]
+    if any(f.get("perplexity") is not None for f in files):
+        f16 = next((f.get("perplexity_f16") for f in files if f.get("perplexity_f16") is not None), None)
+        lines += [f"Perplexity measured by the quality gate on its evaluation text (f16: {_number(f16, 3)}); "
+                  "bits per weight are the GGUF's real tensor sizes.", ""]
+    else:
+        lines += ["Bits per weight are the GGUF's real tensor sizes; the perplexity gate did not run.", ""]
+    lines += [
         "## Adapter",
         "",
         f"- Base model: `{_cell(base_model or 'unknown')}`",
-        f"- Adapter source: `{_cell(card.get('adapter_source', 'unknown'))}`",
+        f"- Adapter source: `{source}`",
         f"- Adapter version: `{_cell(adapter_version)}`",
     ]
+    if card.get("adapter_time"):
+        lines.append(f"- Adapter time: `{_cell(card['adapter_time'])}`")
+    converted = card.get("converted") or {}
+    if converted.get("llama_cpp"):
+        lines.append(f"- llama.cpp: `{_cell(converted['llama_cpp'])}`")
+    fidelity = converted.get("fidelity") or {}
+    if fidelity:
+        lines.append(f"- Conversion fidelity vs the merged model: max |logit diff| "
+                     f"{_number(fidelity.get('max_abs_diff'), 4)}, mean KL {_number(fidelity.get('mean_kl'), 5)}")
     health = card.get("health") or {}
     if health:
         lines += ["", "## Health check", "", "| Latency (s) | Tokens/s |", "|---|---|",
@@ -89,8 +107,15 @@ def model_card_text(*, model: str, version: str, repo_id: str, files: list[dict]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
-def _number(value: Any) -> str:
-    return f"{float(value):.2f}" if isinstance(value, (int, float)) else "n/a"
+def _file_row(f: dict) -> str:
+    ratio = f.get("ppl_ratio")
+    return (f"| [{_cell(f['name'])}](./{_cell(f['name'])}) | {_cell(f['quant'])} | {human_size(int(f['bytes']))} "
+            f"| {_number(f.get('bits_per_weight'))} | {_number(f.get('perplexity'), 3)} "
+            f"| {'n/a' if ratio is None else f'x{float(ratio):.3f}'} | `{_cell(f['sha256'])}` |")
+
+
+def _number(value: Any, digits: int = 2) -> str:
+    return f"{float(value):.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
 
 
 def space_files(*, model: str, model_repo: str, hardware: str, endpoint: str | None = None) -> dict[str, bytes]:

@@ -150,6 +150,30 @@ def _save_tokenizer(model_proto: bytes, out_dir: Path) -> None:
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
+def _save_bpe_tokenizer(seed: int, out_dir: Path, chat_template: str | None) -> None:
+    """Write a byte-level BPE ``tokenizer.json`` (GPT-2 style pre-tokenizer) trained on the tiny corpus.
+
+    Its vocabulary is the tiny model's own, so llama.cpp's converter does not know its pre-tokenizer
+    hash: the test model for the "unknown BPE pre-tokenizer" trap. Its pre-tokenization is GPT-2's,
+    so llama.cpp's ``gpt-2`` pre-tokenizer tokenizes like it.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_corpus(seed).splitlines(), trainer=trainer)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                              "unk_token": "<unk>", "add_bos_token": False, "clean_up_tokenization_spaces": False,
+                              "model_max_length": 512}
+    if chat_template:
+        config["chat_template"] = chat_template
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def _publish(tmp: Path, out_dir: Path) -> Path:
     """Move a finished temp directory into place (replacing an older one)."""
     out_dir = Path(out_dir)
@@ -169,8 +193,13 @@ def make_base_model(
     arch: Arch = "llama",
     hidden_size: int = HIDDEN,
     intermediate_size: int = INTERMEDIATE,
+    tokenizer: Literal["sentencepiece", "bpe"] = "sentencepiece",
+    chat_template: str | None = None,
 ) -> Path:
     """Write a tiny random checkpoint (safetensors, config, generation config, tokenizer) to ``out_dir``.
+
+    ``tokenizer="bpe"`` writes a byte-level BPE tokenizer.json whose pre-tokenizer hash llama.cpp does
+    not know (instead of the SentencePiece model); ``chat_template`` goes into tokenizer_config.json.
 
     Deterministic: the same arguments give byte-identical files. ``arch``: ``llama``, ``qwen2`` (q/k/v
     biases, made non-zero), ``mistral`` or ``gemma`` (tied embeddings always); all share the Llama
@@ -195,7 +224,14 @@ def make_base_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        _save_tokenizer(_train_tokenizer(seed), tmp)
+        if tokenizer == "bpe":
+            _save_bpe_tokenizer(seed, tmp, chat_template)
+        else:
+            _save_tokenizer(_train_tokenizer(seed), tmp)
+            if chat_template:
+                config_path = tmp / "tokenizer_config.json"
+                config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                                   "chat_template": chat_template}, indent=2) + "\n")
         config = _arch_config(arch, dtype, tie_word_embeddings, hidden_size, intermediate_size)
         torch.manual_seed(seed)
         classes = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",

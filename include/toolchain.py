@@ -9,6 +9,7 @@ Layout of the cache (``$LORA_DEPLOY_CACHE``, default ``~/.cache/lora-deploy``)::
         llama_cpp_python-0.3.36.tar.gz   the sdist, sha256-checked
         src/                             the extracted sdist (vendor/llama.cpp holds the converter)
         wheels/                          the wheel built from that sdist (built once, ~10 min on 2 cores)
+        bin/                             llama-quantize and llama-imatrix built from the same sources
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,14 @@ from include.hashing import sha256_file
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+# Recorded in every manifest and in the GGUF metadata (general.quantized_by / lora_deploy.toolchain).
+PINNED_VERSION = f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (sdist sha256 {SDIST_SHA256[:12]})"
+TOOLS = ("llama-quantize", "llama-imatrix")
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+    "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON", "-DGGML_OPENMP=OFF",
+)
 
 
 class ToolchainError(RuntimeError):
@@ -45,6 +55,14 @@ class LlamaCppToolchain:
 
     source_dir: Path
     version: str
+    bin_dir: Path | None = None
+
+    def tool(self, name: str) -> Path | None:
+        """Path of a built tool (``llama-quantize``, ``llama-imatrix``) or None when this toolchain has none."""
+        if self.bin_dir is None:
+            return None
+        path = self.bin_dir / name
+        return path if path.is_file() and os.access(path, os.X_OK) else None
 
     @property
     def converter(self) -> Path:
@@ -75,8 +93,35 @@ def pinned_toolchain() -> LlamaCppToolchain:
     """The toolchain extracted from the pinned sdist (not checked: call ``check()``)."""
     return LlamaCppToolchain(
         source_dir=pinned_dir() / "src" / "vendor" / "llama.cpp",
-        version=f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}",
+        version=PINNED_VERSION,
+        bin_dir=pinned_dir() / "bin",
     )
+
+
+def user_toolchain(llama_cpp_dir: str | None, llama_cpp_bin_dir: str | None) -> LlamaCppToolchain:
+    """The toolchain named by ``settings.llama_cpp_dir`` / ``settings.llama_cpp_bin_dir``, or the pinned one.
+
+    A user checkout's version is its ``git describe`` when available, else the directory name, so the
+    manifests say which llama.cpp produced a file.
+    """
+    pinned = pinned_toolchain()
+    if not llama_cpp_dir and not llama_cpp_bin_dir:
+        return pinned
+    source = Path(llama_cpp_dir).expanduser() if llama_cpp_dir else pinned.source_dir
+    bins = Path(llama_cpp_bin_dir).expanduser() if llama_cpp_bin_dir else pinned.bin_dir
+    parts = [f"llama.cpp checkout {source} ({_describe(source)})" if llama_cpp_dir else pinned.version]
+    if llama_cpp_bin_dir:
+        parts.append(f"binaries {bins}")
+    return LlamaCppToolchain(source_dir=source, version="; ".join(parts), bin_dir=bins)
+
+
+def _describe(source: Path) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(source), "describe", "--always", "--dirty", "--tags"],
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "no git"
+    return out.stdout.strip() or "no git"
 
 
 def ensure_sdist(python: str) -> Path:
@@ -135,19 +180,61 @@ def ensure_wheel(python: str) -> Path:
         return wheels / built[0].name
 
 
+def ensure_tools(jobs: int = 2) -> Path:
+    """Build llama-quantize and llama-imatrix from the pinned sources once (cmake, portable); return bin/.
+
+    Idempotent: a ``bin/.complete`` stamp holding the sdist sha256 makes a second call instant. The build
+    runs in a temp directory and the binaries are moved into place only when both exist.
+    """
+    bin_dir = pinned_dir() / "bin"
+    stamp = bin_dir / ".complete"
+    if stamp.is_file() and stamp.read_text().strip() == SDIST_SHA256 and all((bin_dir / t).is_file() for t in TOOLS):
+        return bin_dir
+    source = pinned_toolchain().source_dir
+    if not (source / "CMakeLists.txt").is_file():
+        raise ToolchainError(f"no llama.cpp sources at {source}; run `python3 -m include.toolchain ensure`")
+    for program in ("cmake", "c++"):
+        if shutil.which(program) is None:
+            raise ToolchainError(f"{program} is not installed; install it (apt-get install cmake g++) and re-run")
+    build = pinned_dir() / "build"  # kept between attempts so an interrupted build resumes
+    started = time.monotonic()
+    print(f"building {', '.join(TOOLS)} from {source} (once; -j{jobs})", flush=True)
+    subprocess.run(["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs), "--target", *TOOLS],
+                   check=True)
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for tool in TOOLS:
+        found = next((p for p in (build / "bin" / tool, build / tool) if p.is_file()), None)
+        if found is None:
+            raise ToolchainError(f"the cmake build did not produce {tool} under {build}")
+        tmp = bin_dir / f".{tool}.tmp"
+        shutil.copy2(found, tmp)
+        os.replace(tmp, bin_dir / tool)
+    stamp.write_text(SDIST_SHA256 + "\n")
+    print(f"built {', '.join(TOOLS)} in {time.monotonic() - started:.0f}s into {bin_dir}", flush=True)
+    return bin_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``ensure`` fetches, checks and builds everything and prints the wheel path."""
     parser = argparse.ArgumentParser(prog="toolchain", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["ensure", "source-dir", "wheel"])
+    parser.add_argument("command", choices=["ensure", "source-dir", "wheel", "tools", "version"])
     parser.add_argument("--python", default=sys.executable, help="interpreter whose pip downloads and builds")
     args = parser.parse_args(argv)
     if args.command == "source-dir":
         print(ensure_source(args.python).source_dir)
     elif args.command == "wheel":
         print(ensure_wheel(args.python))
+    elif args.command == "tools":
+        ensure_source(args.python)
+        print(ensure_tools())
+    elif args.command == "version":
+        print(PINNED_VERSION)
     else:
         ensure_source(args.python)
-        print(ensure_wheel(args.python))
+        print(ensure_tools())
+        print(ensure_wheel(args.python))  # last line: scripts/bootstrap.sh reads the wheel path from it
     return 0
 
 

@@ -5,18 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseHook, BaseOperator, Context
+from airflow.sdk import BaseOperator, Context
 
 from include.artifacts import ArtifactStore
 from include.download import download_adapter
-from include.errors import SourceError
-from include.sources import LocalSource, SSHSource
-from include.transfer_ssh import SSHEndpoint, connect
-from include.vastai import VastAIClient, resolve_api_key, resolve_base_url
 from operators._engine import as_bool, engine_errors
+from operators._source import SourceOpener
 
 log = logging.getLogger(__name__)
 
@@ -100,70 +96,30 @@ class VastAIDownloadOperator(BaseOperator):
         version = str(self.adapter_version).strip() or None if self.adapter_version else None
         not_after = None if version else self.dated_selection(context)
         force = as_bool(self.force)
-        with engine_errors(self.model):
-            if self.source_kind not in ("local", "ssh", "vastai"):
-                raise SourceError(f"source kind {self.source_kind!r} is not one of 'local', 'ssh', 'vastai'",
-                                  fix="correct source.kind")
-            if self.source_kind == "local":
-                source = LocalSource(Path(str(self.source_path)), self.checkpoint_glob)
-                return download_adapter(source, store, self.model, version=version, not_after=not_after, force=force)
-            endpoint, where = self.endpoint()
-            client = connect(endpoint)
-            try:
-                remote = SSHSource(client, str(self.remote_dir), self.checkpoint_glob,
-                                   description=f"{where}:{self.remote_dir}", endpoint=endpoint,
-                                   method=self.transfer)  # type: ignore[arg-type]
-                try:
-                    return download_adapter(remote, store, self.model, version=version, not_after=not_after,
-                                            force=force)
-                finally:
-                    remote.close()
-            finally:
-                client.close()
+        with engine_errors(self.model), self.opener().open() as source:
+            return download_adapter(source, store, self.model, version=version, not_after=not_after, force=force)
+
+    def opener(self) -> SourceOpener:
+        """The source this operator reads, from its (rendered) arguments."""
+        return SourceOpener(kind=self.source_kind, path=self.source_path, ssh_conn_id=self.ssh_conn_id,
+                            remote_dir=self.remote_dir, checkpoint_glob=self.checkpoint_glob,
+                            instance_id=None if self.instance_id is None else str(self.instance_id),
+                            vastai_conn_id=self.vastai_conn_id, api_url=self.vastai_api_url,
+                            transfer=self.transfer, verify_host_key=bool(self.verify_host_key))
 
     @staticmethod
     def dated_selection(context: Context) -> datetime | None:
         """The run's data_interval_end for scheduled and backfill runs (they select by date), else None."""
-        dag_run = context.get("dag_run")
-        run_type = getattr(getattr(dag_run, "run_type", None), "value", getattr(dag_run, "run_type", None))
-        if str(run_type) not in DATED_RUN_TYPES:
-            return None
-        end = context.get("data_interval_end") or getattr(dag_run, "data_interval_end", None)
-        if end is not None:
-            log.info("%s run: taking the newest checkpoint not newer than %s", run_type, end)
-        return end
+        return dated_selection(context)
 
-    def endpoint(self) -> tuple[SSHEndpoint, str]:
-        """How to reach the box (from the SSH connection, and for Vast.ai the instance's endpoint); no secret logged."""
-        extras: dict[str, Any] = {}
-        host, port, login = None, None, None
-        if self.ssh_conn_id:
-            conn = BaseHook.get_connection(self.ssh_conn_id)
-            extras, host, port, login = conn.extra_dejson, conn.host, conn.port, conn.login
-        where = self.ssh_conn_id or ""
-        if self.source_kind == "vastai":
-            instance = self.vast_client().running_instance(str(self.instance_id))
-            host, port = instance.ssh_host, instance.ssh_port
-            where = f"vast.ai instance {instance.id}"
-            log.info("%s is running; SSH at %s:%d (%s)", where, host, port, "direct" if instance.direct else "proxy")
-        if not host:
-            raise SourceError(f"connection {self.ssh_conn_id!r} has no host", fix="set the host of the SSH connection")
-        if str(extras.get("no_host_key_check", "")).lower() == "true" and self.verify_host_key:
-            log.warning("connection %r says no_host_key_check, but host keys are still checked: set "
-                        "verify_host_key: false in the model's source config to skip the check", self.ssh_conn_id)
-        endpoint = SSHEndpoint(host=host, port=int(port or 22), user=login or "root", key_file=extras.get("key_file"),
-                               private_key=extras.get("private_key"), host_key=extras.get("host_key"),
-                               verify_host_key=bool(self.verify_host_key))
-        return endpoint, where
 
-    def vast_client(self) -> VastAIClient:
-        """A Vast.ai client with the key from ``vastai_conn_id`` (or ``$VAST_API_KEY``)."""
-        from airflow.sdk.exceptions import AirflowNotFoundException
-
-        password, host = None, None
-        try:
-            conn = BaseHook.get_connection(self.vastai_conn_id)
-            password, host = conn.password, conn.host
-        except AirflowNotFoundException:
-            log.info("no connection %r: using VAST_API_KEY", self.vastai_conn_id)
-        return VastAIClient(resolve_api_key(password), resolve_base_url(self.vastai_api_url, host))
+def dated_selection(context: Context) -> datetime | None:
+    """The run's data_interval_end for scheduled and backfill runs (they select by date), else None."""
+    dag_run = context.get("dag_run")
+    run_type = getattr(getattr(dag_run, "run_type", None), "value", getattr(dag_run, "run_type", None))
+    if str(run_type) not in DATED_RUN_TYPES:
+        return None
+    end = context.get("data_interval_end") or getattr(dag_run, "data_interval_end", None)
+    if end is not None:
+        log.info("%s run: taking the newest checkpoint not newer than %s", run_type, end)
+    return end

@@ -1,7 +1,13 @@
-"""GGUFQuantizeOperator: convert the merged model to GGUF with the pinned llama.cpp and quantize it."""
+"""GGUF operators: ``convert`` (f16 GGUF, tokenizer checks, fidelity gate, imatrix) and mapped ``quantize``.
+
+The engine calls live in ``include/`` (gguf, tokenizer_check, imatrix, fidelity); these classes only
+wire them to the artifact store and XCom. Heavy libraries are imported inside ``execute``.
+"""
 
 from __future__ import annotations
 
+import ast
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,119 +16,323 @@ from airflow.sdk import BaseOperator, Context
 
 from include.artifacts import ArtifactStore, StageResult
 from include.errors import GGUFError
-from include.toolchain import LlamaCppToolchain, pinned_toolchain
+from include.quant_types import QUANT_TYPES
+from include.toolchain import LlamaCppToolchain, user_toolchain
 from operators._engine import as_bool, engine_errors
 
+log = logging.getLogger(__name__)
 
-class GGUFQuantizeOperator(BaseOperator):
-    """Convert a merged model (the merge record) to an f16 GGUF, then quantize it to each requested type.
 
-    Every output is read back and checked: GGUF magic, tensor count equal to the f16's, and the requested
-    type really used for most weights (llama.cpp silently falls back on odd row sizes).
+def _toolchain(llama_cpp_dir: str | None, llama_cpp_bin_dir: str | None) -> LlamaCppToolchain:
+    toolchain = user_toolchain(llama_cpp_dir, llama_cpp_bin_dir)
+    try:
+        toolchain.check()
+    except Exception as err:
+        raise GGUFError(str(err),
+                        fix="run `python3 -m include.toolchain ensure` or fix settings.llama_cpp_dir") from err
+    return toolchain
+
+
+def _fidelity(fidelity: dict[str, Any] | None) -> tuple[Any, Any] | tuple[None, None]:
+    """``(include.fidelity module, parsed config)`` when the gate is enabled and the module exists."""
+    if not fidelity or fidelity.get("enabled") is False:
+        return None, None
+    from include import fidelity as module
+
+    config = module.fidelity_settings(fidelity)
+    return (module, config) if config is not None else (None, None)
+
+
+def _eval_text(config: Any) -> str | None:
+    text = getattr(config, "eval_text", None)
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def _file_record(quant: str, result: StageResult, toolchain_version: str) -> dict[str, Any]:
+    gguf = result.manifest["gguf"]
+    return {"quant": quant, "path": str(result.path / Path(gguf["path"]).name), "bytes": gguf["bytes"],
+            "sha256": gguf["sha256"], "bits_per_weight": gguf["bits_per_weight"],
+            "weights_by_type": gguf["weights_by_type"], "type_fraction": result.manifest.get("type_fraction", 1.0),
+            "reused": result.reused, "llama_cpp": toolchain_version,
+            **({"shards": [{**shard, "path": str(result.path / Path(shard["path"]).name)} for shard in gguf["shards"]]}
+               if gguf.get("shards") else {})}
+
+
+class GGUFConvertOperator(BaseOperator):
+    """Convert the merged model to an f16 GGUF with the pinned (or the user's) llama.cpp, and check it.
+
+    Before converting: the quantization types are validated, the disk space for every output is
+    estimated, and the BPE pre-tokenizer hash is computed (unknown -> ``quantize.pre_tokenizer`` or a
+    clear failure). After: tokens of fixed texts must be equal in llama.cpp and the HF tokenizer, the
+    chat template must be in the GGUF, and (when ``fidelity`` is enabled) the logits must match the
+    merged model. An importance matrix is computed when a calibration text is configured.
 
     :param model: the model's name in config/models.yaml.
-    :param merged: the merge record (``path``, ``sha256``). (templated)
-    :param quant_types: llama.cpp types, e.g. ``["Q8_0", "Q4_K_M"]``. (templated)
+    :param merged: the merge record (``path``, ``sha256``, ``adapter_version``). (templated)
+    :param adapter: the download record (``version``). (templated)
+    :param quant_types: llama.cpp types, e.g. ``["Q8_0", "Q4_K_M"]``, validated here. (templated)
     :param artifact_root: root of the artifact store. (templated)
-    :param outtype: the converter's output type (f16, bf16, f32).
-    :param min_type_fraction: share of weights that must have the requested type.
-    :param llama_cpp_dir: a llama.cpp checkout to use instead of the pinned one. (templated)
-    :param force: convert and quantize again even if the outputs exist. (templated)
+    :param settings: ``ModelConfig.quantize.model_dump(mode="json")``.
+    :param fidelity: ``ModelConfig.fidelity.model_dump(mode="json")``; None or ``enabled: false`` skips the gate.
+    :param llama_cpp_dir: a llama.cpp checkout to use instead of the pinned one.
+    :param llama_cpp_bin_dir: a dir with llama-quantize / llama-imatrix to use instead of the pinned build.
+    :param force: convert again even if the output exists. (templated)
 
-    Returns ``{"llama_cpp", "base": {...}, "files": [{"quant", "path", "bytes", "sha256", "bits_per_weight",
-    "weights_by_type", "reused"}]}``.
+    Returns ``{"llama_cpp", "quant_types", "base", "tokenizer", "fidelity", "imatrix"}`` and pushes the
+    validated types under XCom key ``quant_types``; expand the quantize task over :func:`quant_types_of`.
     """
 
-    template_fields: Sequence[str] = ("merged", "quant_types", "artifact_root", "llama_cpp_dir", "force")
+    template_fields: Sequence[str] = ("merged", "adapter", "quant_types", "artifact_root", "force")
     ui_color = "#fff3e0"
 
-    def __init__(
-        self,
-        *,
-        model: str,
-        merged: Any,
-        quant_types: Any,
-        artifact_root: str,
-        outtype: str = "f16",
-        min_type_fraction: float = 0.5,
-        llama_cpp_dir: str | None = None,
-        force: bool | str = False,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, model: str, merged: Any, adapter: Any, quant_types: Any, artifact_root: str,
+                 settings: dict[str, Any], fidelity: dict[str, Any] | None = None,
+                 llama_cpp_dir: str | None = None, llama_cpp_bin_dir: str | None = None,
+                 force: bool | str = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model = model
         self.merged = merged
+        self.adapter = adapter
         self.quant_types = quant_types
         self.artifact_root = artifact_root
-        self.outtype = outtype
-        self.min_type_fraction = min_type_fraction
+        self.settings = settings
+        self.fidelity = fidelity
         self.llama_cpp_dir = llama_cpp_dir
+        self.llama_cpp_bin_dir = llama_cpp_bin_dir
         self.force = force
 
     def execute(self, context: Context) -> dict[str, Any]:
-        """Check the types, convert once, quantize per type, validate every file."""
+        """Validate, preflight, convert once (store), check tokenizer and fidelity, compute the imatrix."""
+        from include import gguf, imatrix, tokenizer_check
+
+        with engine_errors(self.model):
+            types = validated_types(self.quant_types, self.settings)
+            toolchain = _toolchain(self.llama_cpp_dir, self.llama_cpp_bin_dir)
+            store = ArtifactStore(self.artifact_root)
+            force = as_bool(self.force)
+            merged_dir = Path(self.merged["path"])
+            outtype = self.settings.get("outtype", "f16")
+            calibration = imatrix.calibration_text(self.settings.get("imatrix"))
+            pre = tokenizer_check.check_pre_tokenizer(merged_dir, toolchain.source_dir,
+                                                      self.settings.get("pre_tokenizer"))
+            self.log.info("pre-tokenizer: %s", pre)
+            metadata = gguf.gguf_metadata(self.model, self.merged, self.adapter or {}, toolchain.version)
+            inputs = {"merged": self.merged["sha256"], "outtype": outtype, "metadata": metadata,
+                      "llama_cpp": toolchain.version, "pre_tokenizer": pre["name"],
+                      "use_temp_file": bool(self.settings.get("use_temp_file")),
+                      "split_max_size": self.settings.get("split_max_size")}
+            if force or store.lookup(self.model, "gguf", store.key_of(inputs)) is None:
+                gguf.disk_preflight(merged_dir, Path(self.artifact_root), [t for t in types if t != outtype.upper()],
+                                    outtype=outtype, imatrix=calibration is not None)
+
+            def convert(tmp: Path) -> dict[str, Any]:
+                summary = gguf.convert_to_gguf(
+                    merged_dir, tmp / f"{self.model}-{outtype.upper()}.gguf", toolchain=toolchain, outtype=outtype,
+                    metadata=metadata, pre_tokenizer=pre["name"] if pre["mapped"] else None,
+                    use_temp_file=bool(self.settings.get("use_temp_file")),
+                    split_max_size=self.settings.get("split_max_size"))
+                checks: dict[str, Any] = {"chat_template": tokenizer_check.check_chat_template(summary.metadata,
+                                                                                               merged_dir)}
+                if self.settings.get("check_tokenizer", True):
+                    checks["comparison"] = tokenizer_check.compare_tokenization(summary.path, merged_dir)
+                    self.log.info("tokenizer comparison: %s", checks["comparison"])
+                return {"gguf": summary.as_record(), "tokenizer_checks": checks}
+
+            base = store.build(self.model, "gguf", inputs, convert, force=force)
+            base_record = _file_record(outtype.upper(), base, toolchain.version)
+            tokenizer = {**pre, **base.manifest.get("tokenizer_checks", {}),
+                         "gguf_pre": base.manifest["gguf"]["metadata"].get("tokenizer.ggml.pre")}
+            fidelity = self._fidelity_gate(merged_dir, Path(base_record["path"]))
+            imatrix_record = None
+            if calibration is not None:
+                imatrix_record = self._imatrix(store, toolchain, base_record, calibration, force)
+        result = {"llama_cpp": toolchain.version, "quant_types": types, "base": base_record, "tokenizer": tokenizer,
+                  "fidelity": fidelity, "imatrix": imatrix_record}
+        context["ti"].xcom_push(key="quant_types", value=types)
+        return result
+
+    def _fidelity_gate(self, merged_dir: Path, f16: Path) -> dict[str, Any] | None:
+        module, config = _fidelity(self.fidelity)
+        if module is None:
+            return None
+        figures = module.compare_logits(merged_dir, f16, prompts=config.prompts, max_abs_diff=config.max_abs_diff,
+                                        max_kl=config.max_kl, mode=config.mode)
+        self.log.info("fidelity (merged vs f16): %s", figures)
+        text = _eval_text(config)
+        if text is not None:
+            figures = {**figures, "perplexity_f16": module.perplexity(f16, text, n_ctx=config.n_ctx)}
+        return figures
+
+    def _imatrix(self, store: ArtifactStore, toolchain: LlamaCppToolchain, base: dict[str, Any],
+                 calibration: tuple[str, str], force: bool) -> dict[str, Any]:
+        import hashlib
+
+        from include import imatrix
+
+        text, source = calibration
+        opts = self.settings.get("imatrix") or {}
+        ctx, chunks = int(opts.get("ctx_size", 128)), int(opts.get("chunks", 8))
+
+        def produce(tmp: Path) -> dict[str, Any]:
+            imatrix.compute_imatrix(toolchain, Path(base["path"]), text, tmp / "imatrix.gguf", ctx_size=ctx,
+                                    chunks=chunks)
+            return {"calibration": source}
+
+        result = store.build(self.model, "imatrix", {
+            "base": base["sha256"], "calibration": hashlib.sha256(text.encode()).hexdigest(), "ctx": ctx,
+            "chunks": chunks, "llama_cpp": toolchain.version}, produce, force=force)
+        entry = next(f for f in result.manifest["files"] if f["name"] == "imatrix.gguf")
+        return {"path": str(result.path / "imatrix.gguf"), "sha256": entry["sha256"], "calibration": source,
+                "reused": result.reused}
+
+
+def validated_types(requested: Any, settings: dict[str, Any]) -> list[str]:
+    """The requested quantization types, normalised and checked; GGUFError naming the bad ones and the fix."""
+    if isinstance(requested, str) and requested.strip().startswith("["):
+        try:
+            requested = ast.literal_eval(requested.strip())  # a rendered list (templates render to str)
+        except (ValueError, SyntaxError) as err:
+            raise GGUFError(f"cannot read quantization types from {requested!r}",
+                            fix="pass a list such as [\"Q8_0\", \"Q4_K_M\"]") from err
+    items = requested if isinstance(requested, list | tuple) else str(requested).replace(",", " ").split()
+    types = [str(t).strip().upper() for t in items if str(t).strip()]
+    unknown = [t for t in types if t not in QUANT_TYPES]
+    if not types or unknown:
+        raise GGUFError(f"quantization type(s) {unknown or types!r} unknown to the pinned llama.cpp",
+                        fix=f"use types from {list(QUANT_TYPES)} in quantize.types or the run's quant_types")
+    if len(set(types)) != len(types):
+        raise GGUFError(f"duplicate quantization types in {types!r}", fix="list each type once")
+    iq = [t for t in types if t.startswith("IQ")]
+    imatrix = settings.get("imatrix") or {}
+    if iq and not (imatrix.get("calibration_file") or imatrix.get("use_builtin_text")):
+        raise GGUFError(f"quantization type(s) {iq} need an importance matrix, but no calibration text is configured",
+                        fix="set quantize.imatrix.calibration_file (a text file) or quantize.imatrix.use_builtin_text:"
+                            " true, or drop the IQ types")
+    return types
+
+
+class GGUFQuantizeOperator(BaseOperator):
+    """Quantize the converted f16 GGUF to ONE type (mapped: one task per type, retried alone).
+
+    The output is read back: tensor types counted, real bits per weight computed, and the requested type
+    must hold ``quantize.min_type_fraction`` of the matrix weights (else fail, or warn with
+    ``quantize.on_fallback: warn``). With the fidelity gate enabled, its perplexity is compared to the f16's.
+
+    :param model: the model's name in config/models.yaml.
+    :param converted: the convert record (``base``, ``imatrix``, ``fidelity``). (templated)
+    :param quant_type: the one llama.cpp type of this map index, e.g. ``Q4_K_M``. (templated)
+    :param artifact_root: root of the artifact store. (templated)
+    :param settings: ``ModelConfig.quantize.model_dump(mode="json")``.
+    :param fidelity: ``ModelConfig.fidelity.model_dump(mode="json")``; None or ``enabled: false`` skips it.
+    :param llama_cpp_dir: a llama.cpp checkout to use instead of the pinned one.
+    :param llama_cpp_bin_dir: a dir with llama-quantize / llama-imatrix to use instead of the pinned build.
+    :param force: quantize again even if the output exists. (templated)
+
+    Returns one file record ``{"quant", "path", "bytes", "sha256", "bits_per_weight", "weights_by_type",
+    "type_fraction", "reused", "llama_cpp", "perplexity", "perplexity_f16", "ppl_ratio"}`` (+ ``shards``).
+    """
+
+    template_fields: Sequence[str] = ("converted", "quant_type", "artifact_root", "force")
+    ui_color = "#ffe0b2"
+
+    def __init__(self, *, model: str, converted: Any, quant_type: str, artifact_root: str,
+                 settings: dict[str, Any], fidelity: dict[str, Any] | None = None,
+                 llama_cpp_dir: str | None = None, llama_cpp_bin_dir: str | None = None,
+                 force: bool | str = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.converted = converted
+        self.quant_type = quant_type
+        self.artifact_root = artifact_root
+        self.settings = settings
+        self.fidelity = fidelity
+        self.llama_cpp_dir = llama_cpp_dir
+        self.llama_cpp_bin_dir = llama_cpp_bin_dir
+        self.force = force
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Quantize (or reuse), validate the types used, then the perplexity gate."""
         from include import gguf
 
         with engine_errors(self.model):
-            types = self._checked_types(gguf.known_quant_types())
-            toolchain = self._toolchain()
-            store = ArtifactStore(self.artifact_root)
-            force = as_bool(self.force)
+            quant = validated_types([self.quant_type], self.settings)[0]
+            base = dict(self.converted["base"])
+            if quant == base["quant"]:
+                return {**base, "perplexity": None, "perplexity_f16": None, "ppl_ratio": None}
+            toolchain = _toolchain(self.llama_cpp_dir, self.llama_cpp_bin_dir)
+            imatrix = self.converted.get("imatrix")
+            if quant.startswith("IQ") and not imatrix:
+                raise GGUFError(f"{quant} needs an importance matrix and the convert task computed none",
+                                fix="configure quantize.imatrix.calibration_file or use_builtin_text")
+            overrides = {"output_tensor_type": self.settings.get("output_tensor_type"),
+                         "token_embedding_type": self.settings.get("token_embedding_type")}
+            min_fraction = float(self.settings.get("min_type_fraction", 0.5))
+            on_fallback = self.settings.get("on_fallback", "fail")
+            fraction: dict[str, float] = {}
 
-            metadata = {"general.name": self.model, "general.version": str(self.merged.get("adapter_version", ""))}
+            def quantize(tmp: Path) -> dict[str, Any]:
+                summary = gguf.quantize_gguf(
+                    Path(base["path"]), tmp / f"{self.model}-{quant}.gguf", quant, toolchain=toolchain,
+                    imatrix=Path(imatrix["path"]) if imatrix else None,
+                    extra_kv={"lora_deploy.quant_type": quant, "lora_deploy.toolchain": toolchain.version},
+                    keep_split=bool(base.get("shards")), **overrides)
+                fraction["value"] = gguf.check_quant_used(summary, quant, min_fraction=min_fraction,
+                                                          on_fallback=on_fallback)
+                if summary.tensor_count != inspect_count(base["path"]):
+                    raise GGUFError(f"{quant}: {summary.tensor_count} tensors, the f16 GGUF has a different count",
+                                    fix="report this llama.cpp quantizer bug; try another quant type")
+                return {"gguf": summary.as_record(), "type_fraction": round(fraction["value"], 4)}
 
-            def convert(tmp: Path) -> dict[str, Any]:
-                summary = gguf.convert_to_gguf(Path(self.merged["path"]), tmp / f"model-{self.outtype}.gguf",
-                                               toolchain=toolchain, outtype=self.outtype, metadata=metadata)
-                return {"gguf": summary.as_record()}
+            result = store_build(self.artifact_root, self.model, {
+                "base": base["sha256"], "quant": quant, "llama_cpp": toolchain.version,
+                "imatrix": imatrix["sha256"] if imatrix else None, "overrides": overrides,
+                "min_type_fraction": min_fraction, "on_fallback": on_fallback}, quantize, as_bool(self.force))
+            record = _file_record(quant, result, toolchain.version)
+            self.log.info("%s: %.2f bits/weight, types %s", quant, record["bits_per_weight"],
+                          record["weights_by_type"])
+            return {**record, **self._perplexity(quant, Path(record["path"]))}
 
-            base = store.build(self.model, "gguf", {"merged": self.merged["sha256"], "outtype": self.outtype,
-                                                    "metadata": metadata, "llama_cpp": toolchain.version},
-                               convert, force=force)
-            base_file = Path(_file_record(self.outtype.upper(), base)["path"])
-            files = []
-            for quant in types:
-                if quant == self.outtype.upper():
-                    files.append(_file_record(quant, base))
-                    continue
-
-                def quantize(tmp: Path, quant: str = quant) -> dict[str, Any]:
-                    summary = gguf.quantize_gguf(base_file, tmp / f"model-{quant}.gguf", quant)
-                    gguf.check_quant_used(summary, quant, min_fraction=self.min_type_fraction)
-                    if summary.tensor_count != base.manifest["gguf"]["tensor_count"]:
-                        raise GGUFError(f"{quant}: {summary.tensor_count} tensors, the {self.outtype} GGUF has "
-                                        f"{base.manifest['gguf']['tensor_count']}",
-                                        fix="report this llama.cpp quantizer bug; try another quant type")
-                    return {"gguf": summary.as_record()}
-
-                files.append(_file_record(quant, store.build(
-                    self.model, "gguf", {"base": base.manifest["sha256"], "quant": quant,
-                                         "llama_cpp": toolchain.version}, quantize, force=force)))
-        return {"llama_cpp": toolchain.version, "base": _file_record(self.outtype.upper(), base), "files": files,
-                "reused": base.reused and all(f["reused"] for f in files)}
-
-    def _checked_types(self, known: dict[str, int]) -> list[str]:
-        requested = self.quant_types if isinstance(self.quant_types, list) else [self.quant_types]
-        types = [str(t).strip().upper() for t in requested]
-        unknown = [t for t in types if t not in known]
-        if not types or unknown:
-            raise GGUFError(f"quantization type(s) {unknown or types!r} unknown to llama.cpp",
-                            fix=f"use types from {sorted(known)} in quantize.types or the run's quant_types")
-        return types
-
-    def _toolchain(self) -> LlamaCppToolchain:
-        toolchain = (LlamaCppToolchain(Path(self.llama_cpp_dir), version=f"llama.cpp checkout {self.llama_cpp_dir}")
-                     if self.llama_cpp_dir else pinned_toolchain())
-        try:
-            toolchain.check()
-        except Exception as err:
-            raise GGUFError(str(err), fix="run the setup script again, or fix settings.llama_cpp_dir") from err
-        return toolchain
+    def _perplexity(self, quant: str, path: Path) -> dict[str, Any]:
+        empty = {"perplexity": None, "perplexity_f16": None, "ppl_ratio": None}
+        module, config = _fidelity(self.fidelity)
+        text = _eval_text(config) if module is not None else None
+        if module is None or text is None:
+            return empty
+        n_ctx = config.n_ctx
+        ppl_f16 = (self.converted.get("fidelity") or {}).get("perplexity_f16")
+        if ppl_f16 is None:
+            ppl_f16 = module.perplexity(Path(self.converted["base"]["path"]), text, n_ctx=n_ctx)
+        ppl = module.perplexity(path, text, n_ctx=n_ctx)
+        checked = module.check_perplexity(quant, ppl, ppl_f16, max_ratio=module.max_ratio_for(config, quant),
+                                          mode=config.mode)
+        self.log.info("%s perplexity %.4f vs f16 %.4f (ratio %.4f)", quant, ppl, ppl_f16, checked["ratio"])
+        return {"perplexity": ppl, "perplexity_f16": ppl_f16, "ppl_ratio": checked["ratio"]}
 
 
-def _file_record(quant: str, result: StageResult) -> dict[str, Any]:
-    gguf = result.manifest["gguf"]
-    path = result.path / Path(gguf["path"]).name
-    return {"quant": quant, "path": str(path), "bytes": gguf["bytes"], "sha256": gguf["sha256"],
-            "bits_per_weight": gguf["bits_per_weight"], "weights_by_type": gguf["weights_by_type"],
-            "reused": result.reused}
+def inspect_count(path: str) -> int:
+    """Tensor count of a GGUF, over all shards of a split one."""
+    from include.gguf_reader import inspect_split
+
+    return inspect_split(Path(path)).tensor_count
+
+
+def store_build(root: str, model: str, inputs: dict[str, Any], produce: Any, force: bool) -> StageResult:
+    """``ArtifactStore(root).build(model, "gguf", inputs, produce)``: content-addressed, manifest last."""
+    return ArtifactStore(root).build(model, "gguf", inputs, produce, force=force)
+
+
+def quant_types_of(convert: GGUFConvertOperator, task_id: str = "quant_types", **task_kwargs: Any) -> Any:
+    """A tiny task returning the convert record's validated types: what the mapped quantize task expands over.
+
+    Airflow 3 cannot map over a custom XCom key (``convert.output["quant_types"]`` is the key
+    ``quant_types``, and ``expand`` refuses it), so the list must be a task's return value::
+
+        quantize = GGUFQuantizeOperator.partial(...).expand(quant_type=quant_types_of(convert))
+    """
+    from airflow.sdk import task
+
+    @task(task_id=task_id, **task_kwargs)
+    def pick(converted: dict[str, Any]) -> list[str]:
+        return list(converted["quant_types"])
+
+    return pick(convert.output)

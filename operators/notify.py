@@ -11,11 +11,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from include.notify import failure_text, success_text
+from include.notify import failure_text, is_noop, rollback_success_text, success_text
 
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # connection ids already reported missing in this process
 
-STAGE_TASKS = ("download", "merge", "quantize", "install", "health", "publish")
+STAGE_TASKS = ("plan", "download", "merge", "convert", "ggufs", "install", "smoke", "promote", "health", "publish",
+               "space_ready")
 
 
 def slack_callback(*, model: str, conn_id: str | None, success: bool) -> Callable[[Any], None]:
@@ -33,11 +35,22 @@ def _post(context: Any, *, model: str, conn_id: str | None, success: bool) -> No
     try:
         BaseHook.get_connection(conn_id)
     except AirflowNotFoundException:
-        log.warning("no Slack connection %r: skipping the notification (create a slackwebhook connection with "
-                    "the webhook URL as password to get one)", conn_id)
+        if conn_id not in _WARNED:
+            _WARNED.add(conn_id)
+            log.warning("no Slack connection %r: Slack notifications are skipped (create a slackwebhook connection "
+                        "with the webhook URL as password to get them)", conn_id)
         return
-    text = success_text(model, _run_url(context), _records(context)) if success else failure_text(
-        model, _run_url(context), _failed(context), context.get("reason"))
+    records = _records(context)
+    dag_id = getattr(context.get("dag"), "dag_id", "") or ""
+    if success and is_noop(records):
+        log.info("%s: the run only planned (dry run or already deployed): no Slack message", model)
+        return
+    if not success:
+        text = failure_text(model, _run_url(context), _failed(context), context.get("reason"), records)
+    elif dag_id.startswith("rollback_"):
+        text = rollback_success_text(model, _run_url(context), records)
+    else:
+        text = success_text(model, _run_url(context), records)
     from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
     SlackWebhookNotifier(slack_webhook_conn_id=conn_id, text=text).notify(context)
@@ -49,7 +62,9 @@ def _records(context: Any) -> dict[str, Any]:
     ti = context.get("ti")
     if ti is not None:
         try:
-            return {task_id: ti.xcom_pull(task_ids=task_id) for task_id in STAGE_TASKS}
+            records = {task_id: ti.xcom_pull(task_ids=task_id) for task_id in STAGE_TASKS}
+            records["rollback"] = ti.xcom_pull(task_ids="rollback", key="rollback")
+            return records
         except ImportError:
             pass  # dag.test() calls DAG callbacks with no task supervisor to ask: read the metadata DB instead.
     dag_run = context.get("dag_run")
@@ -65,7 +80,11 @@ def _records_from_db(dag_id: str, run_id: str) -> dict[str, Any]:
     with create_session() as session:
         rows = session.scalars(XComModel.get_many(run_id=run_id, dag_ids=dag_id, key="return_value",
                                                   task_ids=list(STAGE_TASKS))).all()
-        return {row.task_id: XComModel.deserialize_value(row) for row in rows}
+        records = {row.task_id: XComModel.deserialize_value(row) for row in rows}
+        for row in session.scalars(XComModel.get_many(run_id=run_id, dag_ids=dag_id, key="rollback",
+                                                      task_ids=["rollback"])).all():
+            records["rollback"] = XComModel.deserialize_value(row)
+        return records
 
 
 def _failed(context: Any) -> list[tuple[str, str | None]]:

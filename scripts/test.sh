@@ -4,12 +4,14 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 
-# The SSH tests need OpenSSH's server and rsync (started by the tests on 127.0.0.1, never as a service).
-if [ ! -x /usr/sbin/sshd ] || ! command -v rsync >/dev/null 2>&1; then
-  echo "==> installing openssh-server and rsync (apt)"
+# The SSH tests need OpenSSH's server and rsync (started by the tests on 127.0.0.1, never as a service);
+# the Deployments page test needs Debian's chromium (run headless).
+if [ ! -x /usr/sbin/sshd ] || ! command -v rsync >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  echo "==> installing openssh-server, rsync and chromium (apt)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends openssh-server rsync >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends openssh-server rsync \
+    chromium >/dev/null
 fi
 
 cd "$ROOT"

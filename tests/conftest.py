@@ -94,3 +94,35 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[object]:
     with HubStandIn() as stand_in:
         yield stand_in
         assert stand_in.unknown_routes == []
+
+
+@pytest.fixture
+def lmstudio(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[object]:
+    """An LM Studio stand-in: its server (real llama.cpp) on loopback and a stand-in ``lms`` on PATH.
+
+    HOME is a fresh directory holding ``.lmstudio/models`` (so build GGUFs in fixtures that run before this one:
+    the llama.cpp toolchain is found under the real HOME); ``stand_in.calls()`` are the recorded ``lms`` argvs.
+    """
+    import json
+    import sys
+
+    from tests.stand_ins.lmstudio import LMStudioStandIn
+
+    home = tmp_path / "user-home"
+    models = home / ".lmstudio" / "models"
+    state, calls, bin_dir = tmp_path / "lms-state.json", tmp_path / "lms-calls.jsonl", tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "lms"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "stand_ins" / "lms"}" "$@"\n')
+    wrapper.chmod(0o755)
+    calls.touch()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("LMS_STANDIN_STATE", str(state))
+    monkeypatch.setenv("LMS_STANDIN_CALLS", str(calls))
+    monkeypatch.setenv("LMS_STANDIN_MODELS", str(models))
+    with LMStudioStandIn(models, state) as stand_in:
+        stand_in.home = home
+        stand_in.lms = str(wrapper)
+        stand_in.calls = lambda: [json.loads(line)["argv"] for line in calls.read_text().splitlines()]
+        yield stand_in

@@ -2,7 +2,8 @@
 
 At start it downloads ``MODEL_FILE`` from the model repo ``MODEL_REPO`` (at ``MODEL_REVISION`` when set,
 with the ``HF_TOKEN`` secret for private repos) and serves it with llama-cpp-python on the CPU.
-Optional variables: ``N_CTX`` (default 4096), ``MAX_TOKENS`` (default 512), ``SYSTEM_PROMPT``.
+Optional variables: ``N_CTX`` (default 4096), ``MAX_TOKENS`` (default 512), ``SYSTEM_PROMPT``; ``MODEL_PATH``
+(a local GGUF, used instead of downloading: for running the app offline).
 gradio and llama_cpp are imported inside functions, so the helpers can be imported without them.
 """
 
@@ -28,6 +29,7 @@ class Settings:
     n_ctx: int
     max_tokens: int
     system_prompt: str | None
+    model_path: str | None = None
 
     def __repr__(self) -> str:
         return f"Settings(model_repo={self.model_repo!r}, model_file={self.model_file!r}, revision={self.revision!r})"
@@ -35,22 +37,27 @@ class Settings:
 
 def read_settings(env: Mapping[str, str]) -> Settings:
     """Settings from an environment mapping; a clear error names the missing Space variable."""
-    missing = [key for key in ("MODEL_REPO", "MODEL_FILE") if not env.get(key)]
+    missing = [] if env.get("MODEL_PATH") else [key for key in ("MODEL_REPO", "MODEL_FILE") if not env.get(key)]
     if missing:
         raise RuntimeError(f"Space variable(s) {', '.join(missing)} not set: set them in the Space settings.")
     return Settings(
-        model_repo=env["MODEL_REPO"],
-        model_file=env["MODEL_FILE"],
+        model_repo=env.get("MODEL_REPO") or "local",
+        model_file=env.get("MODEL_FILE") or os.path.basename(env.get("MODEL_PATH") or ""),
         revision=env.get("MODEL_REVISION") or None,
         token=env.get("HF_TOKEN") or None,
         n_ctx=int(env.get("N_CTX") or 4096),
         max_tokens=int(env.get("MAX_TOKENS") or 512),
         system_prompt=env.get("SYSTEM_PROMPT") or None,
+        model_path=env.get("MODEL_PATH") or None,
     )
 
 
 def download_model(settings: Settings, *, endpoint: str | None = None, cache_dir: str | None = None) -> str:
-    """Local path of the GGUF, downloaded from the Hub (cached across restarts of the Space)."""
+    """Local path of the GGUF: ``MODEL_PATH``, else downloaded from the Hub (cached across restarts)."""
+    if settings.model_path:
+        if not os.path.isfile(settings.model_path):
+            raise RuntimeError(f"MODEL_PATH {settings.model_path!r} is not a file")
+        return settings.model_path
     from huggingface_hub import hf_hub_download
 
     log.info("downloading %s from %s @ %s", settings.model_file, settings.model_repo, settings.revision or "main")
@@ -99,15 +106,21 @@ def stream_reply(llm: Any, messages: list[dict[str, str]], max_tokens: int) -> I
         yield answer
 
 
-def build_app(llm: Any, settings: Settings) -> Any:
-    """The Gradio ChatInterface around a loaded ``llama_cpp.Llama``."""
-    import gradio as gr
+def make_responder(llm: Any, settings: Settings) -> Any:
+    """The chat function the UI calls: ``respond(message, history)`` yields the growing answer."""
 
     def respond(message: str, history: list[Any]) -> Iterator[str]:
         yield from stream_reply(llm, to_messages(message, history, settings.system_prompt), settings.max_tokens)
 
+    return respond
+
+
+def build_app(llm: Any, settings: Settings) -> Any:
+    """The Gradio ChatInterface around a loaded ``llama_cpp.Llama``."""
+    import gradio as gr
+
     return gr.ChatInterface(
-        respond,
+        make_responder(llm, settings),
         title=f"{settings.model_repo} ({settings.model_file})",
         description="GGUF model served with llama.cpp on CPU, published by lora-deploy.",
     )

@@ -45,22 +45,23 @@ class AirflowServices:
     env: dict[str, str]
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     token: str = ""
+    password: str = "admin"
 
     @property
     def url(self) -> str:
         """Base URL of the api-server."""
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 120) -> None:
-        """Migrate the DB, start every component, wait until the API answers and a token is issued."""
+    def start(self, timeout_s: float = 120, components: tuple[str, ...] = COMPONENTS) -> None:
+        """Migrate the DB, start the components (default: all), wait until the API answers and a token is issued."""
         subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=self.env, check=True,
                        stdout=subprocess.DEVNULL)
-        for name in COMPONENTS:
+        for name in components:
             log = (self.home / f"{name}.log").open("wb")
             self.processes[name] = subprocess.Popen([sys.executable, "-m", "airflow", name], env=self.env,
                                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self._healthy, timeout_s=timeout_s, what="the api-server's health endpoint")
-        response = requests.post(f"{self.url}/auth/token", json={"username": "admin", "password": "admin"},
+        response = requests.post(f"{self.url}/auth/token", json={"username": "admin", "password": self.password},
                                  timeout=10)
         response.raise_for_status()
         self.token = response.json()["access_token"]
@@ -112,11 +113,15 @@ class AirflowServices:
                 process.wait()
 
 
-def airflow_services(home: Path, extra_env: dict[str, str]) -> AirflowServices:
-    """Configure (not start) a local Airflow under ``home``."""
+def airflow_services(home: Path, extra_env: dict[str, str], password: str = "admin",
+                     plugins: bool = False) -> AirflowServices:
+    """Configure (not start) a local Airflow under ``home``; user ``admin`` logs in with ``password``.
+
+    ``plugins`` loads the project's plugins/ (the Deployments page) into the components.
+    """
     home.mkdir(parents=True, exist_ok=True)
     passwords = home / "passwords.json"
-    passwords.write_text(json.dumps({"admin": "admin"}))
+    passwords.write_text(json.dumps({"admin": password}))
     port = free_port()
     env = {
         **os.environ,
@@ -136,6 +141,7 @@ def airflow_services(home: Path, extra_env: dict[str, str]) -> AirflowServices:
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
         "PYTHONPATH": str(ROOT),
+        **({"AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins")} if plugins else {}),
         **extra_env,
     }
-    return AirflowServices(home=home, port=port, env=env)
+    return AirflowServices(home=home, port=port, env=env, password=password)

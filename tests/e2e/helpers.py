@@ -9,7 +9,8 @@ import yaml
 
 from tests.conftest import ROOT
 
-STAGES = ("download", "merge", "quantize", "install", "health", "publish")
+STAGES = ("plan", "download", "merge", "convert", "quantize", "ggufs", "install", "smoke", "promote", "health",
+          "rollback", "publish", "space_ready")
 
 
 def write_config(path: Path, name: str, entry: dict[str, Any], artifact_root: Path) -> Path:
@@ -30,7 +31,13 @@ def run_deploy(dag_id: str, conf: dict[str, Any] | None = None) -> tuple[str, di
     dag_run = bag.dags[dag_id].test(run_conf=conf or {})
     records: dict[str, Any] = {}
     for task_id in STAGES:
-        ti = dag_run.get_task_instance(task_id)
+        tis = [ti for ti in dag_run.get_task_instances() if ti.task_id == task_id]
+        if task_id == "quantize":  # mapped: one instance per type, in map index order
+            tis.sort(key=lambda ti: ti.map_index)
+            records[task_id] = {"state": sorted({str(ti.state) for ti in tis}),
+                                "xcom": [ti.xcom_pull(task_ids=task_id, map_indexes=ti.map_index) for ti in tis]}
+            continue
+        ti = tis[0] if tis else None
         records[task_id] = {"state": str(ti.state) if ti else None,
                             "xcom": ti.xcom_pull(task_ids=task_id) if ti else None}
     return str(dag_run.state), records

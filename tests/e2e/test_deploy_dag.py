@@ -21,7 +21,8 @@ def deployment(tmp_path, monkeypatch, demo_inputs, sshd, hub, slack, airflow_db)
         "source": {"kind": "ssh", "ssh_conn_id": "training_box", "remote_dir": str(demo_inputs.training_box)},
         "quantize": {"types": ["Q8_0", "Q4_K_M"]},
         "lmstudio": {"models_dir": str(tmp_path / "lmstudio"), "publisher": "acme"},
-        "hf": {"repo_id": f"{hub.user}/e2e-GGUF", "space_id": f"{hub.user}/e2e-chat", "private": True},
+        "hf": {"repo_id": f"{hub.user}/e2e-GGUF", "space_id": f"{hub.user}/e2e-chat", "private": True,
+               "space_poke_interval_s": 0.5},
         "health": {"prompt": "Once upon a time", "max_tokens": 8},
     }
     config = write_config(tmp_path / "models.yaml", "e2e", entry, tmp_path / "artifacts")
@@ -37,25 +38,39 @@ def test_deploy_end_to_end_then_rerun_reuses_everything(deployment, capfd):
     state, records = run_deploy("deploy_e2e")
     output = capfd.readouterr()
     assert state == "success", {k: v["state"] for k, v in records.items()}
-    assert all(r["state"] == "success" for r in records.values())
+    states = {k: v["state"] for k, v in records.items()}
+    assert states.pop("rollback") == "skipped" and states.pop("quantize") == ["success"]
+    assert set(states.values()) == {"success"}, states
 
-    download, merge, quantize = (records[s]["xcom"] for s in ("download", "merge", "quantize"))
+    download, merge, convert, ggufs = (records[s]["xcom"] for s in ("download", "merge", "convert", "ggufs"))
     assert download["version"] == "checkpoint-20" and not download["reused"]
     assert not merge["reused"] and merge["adapter_version"] == "checkpoint-20"
-    assert [f["quant"] for f in quantize["files"]] == ["Q8_0", "Q4_K_M"]
-    assert quantize["files"][1]["weights_by_type"].get("Q4_K", 0) > 0
-    metadata = inspect_gguf(quantize["files"][1]["path"], with_sha256=False).metadata
+    assert records["plan"]["xcom"]["version"] == "checkpoint-20"
+    assert [f["quant"] for f in records["quantize"]["xcom"]] == ["Q8_0", "Q4_K_M"]  # one mapped task each
+    files = ggufs["files"]
+    assert [f["quant"] for f in files] == ["Q8_0", "Q4_K_M"]
+    assert files[1]["weights_by_type"].get("Q4_K", 0) > 0
+    assert convert["tokenizer"]["comparison"]["equal"] and convert["fidelity"]["passed"]
+    assert all(f["ppl_ratio"] is not None for f in files)
+    metadata = inspect_gguf(files[1]["path"], with_sha256=False).metadata
     assert metadata["general.name"] == "e2e" and metadata["general.version"] == "checkpoint-20"
 
-    # LM Studio: exactly models/<publisher>/<repo>/<file>.gguf, the very bytes the quantize stage made.
+    # LM Studio: exactly models/<publisher>/<repo>/<file>.gguf: the versioned files (the very bytes the
+    # quantize stage made) and the stable "current" file per quant.
     installed = records["install"]["xcom"]["installed"]
     lm_dir = deployment["tmp"] / "lmstudio" / "acme" / "e2e-GGUF"
-    assert sorted(p.name for p in lm_dir.iterdir()) == ["e2e-checkpoint-20-Q4_K_M.gguf", "e2e-checkpoint-20-Q8_0.gguf"]
-    for item, produced in zip(installed, quantize["files"], strict=True):
-        assert sha256_file(lm_dir / item["path"].rsplit("/", 1)[1]) == produced["sha256"]
+    assert sorted(p.name for p in lm_dir.iterdir()) == [
+        "e2e-Q4_K_M.gguf", "e2e-Q8_0.gguf", "e2e-checkpoint-20-Q4_K_M.gguf", "e2e-checkpoint-20-Q8_0.gguf"]
+    for item, produced in zip(installed, files, strict=True):
+        assert sha256_file(item["path"]) == produced["sha256"]
+    assert records["promote"]["xcom"]["promoted"]
+    assert sha256_file(lm_dir / "e2e-Q8_0.gguf") == files[0]["sha256"]
 
-    health = records["health"]["xcom"]
-    assert health["ok"] and health["smoke"]["completion_tokens"] >= 1 and health["tokens_per_s"] > 0
+    smoke = records["smoke"]["xcom"]
+    assert smoke["ok"] and smoke["tokens_per_s"] > 0 and smoke["disk_free_bytes"]["models_dir"] > 0
+    assert records["health"]["xcom"]["skipped"]  # no live endpoint configured
+    assert records["rollback"]["state"] == "skipped"
+    assert records["space_ready"]["state"] == "success"
 
     hub = deployment["hub"]
     repo = hub.repo(f"{hub.user}/e2e-GGUF", "model")
@@ -79,5 +94,23 @@ def test_deploy_end_to_end_then_rerun_reuses_everything(deployment, capfd):
     assert state == "success"
     assert again["download"]["xcom"]["reused"]
     assert again["merge"]["xcom"]["reused"], "the second run merged again"
-    assert again["quantize"]["xcom"]["reused"], "the second run converted or quantized again"
-    assert again["install"]["xcom"]["installed"] == installed
+    assert again["convert"]["xcom"]["base"]["reused"], "the second run converted again"
+    assert all(q["reused"] for q in again["quantize"]["xcom"]), "the second run quantized again"
+    assert again["install"]["xcom"]["noop"]
+    assert [i["path"] for i in again["install"]["xcom"]["installed"]] == [i["path"] for i in installed]
+
+
+def test_dry_run_plans_and_writes_nothing(deployment):
+    tmp = deployment["tmp"]
+    before = sorted(str(p) for p in tmp.rglob("*"))
+    state, records = run_deploy("deploy_e2e", {"dry_run": True, "quant_types": ["Q4_K_M", "Q5_K_M"]})
+    assert state == "success"
+    plan = records["plan"]["xcom"]
+    assert plan["dry_run"] and plan["version"] == "checkpoint-20" and plan["quant_types"] == ["Q4_K_M", "Q5_K_M"]
+    assert [o["name"] for o in plan["outputs"]] == ["merged", "F16", "Q4_K_M", "Q5_K_M"]
+    assert all(d["ok"] for d in plan["disk"]) and plan["parameters"] > 0
+    states = {k: v["state"] for k, v in records.items() if k != "plan"}
+    assert all(state in ("skipped", ["skipped"]) for state in states.values()), states
+    assert sorted(str(p) for p in tmp.rglob("*")) == before, "a dry run wrote files"
+    assert deployment["hub"].repos == {}
+    assert deployment["slack"].messages == []

@@ -123,3 +123,51 @@ def no_tokens_url() -> Iterator[str]:
 def test_check_endpoint_without_tokens_fails(no_tokens_url: str) -> None:
     with pytest.raises(HealthError, match=r"returned no tokens"):
         check_endpoint(no_tokens_url, model_id="tiny", prompt=PROMPT)
+
+
+def test_file_checks_catch_size_sha_magic_and_version(q8_gguf: Path, tmp_path: Path) -> None:
+    from include.hashing import sha256_file
+    from include.health import check_gguf_file
+
+    good = check_gguf_file(q8_gguf, size=q8_gguf.stat().st_size, sha256=sha256_file(q8_gguf))
+    assert [(c["name"], c["ok"]) for c in good] == [("size", True), ("gguf_magic", True), ("gguf_version", True),
+                                                    ("sha256", True)]
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x09\x00\x00\x00rest")
+    checks = {c["name"]: c for c in check_gguf_file(bad, size=5, sha256="00" * 32)}
+    assert not checks["size"]["ok"] and not checks["sha256"]["ok"] and checks["gguf_magic"]["ok"]
+    assert not checks["gguf_version"]["ok"] and "version 9" in checks["gguf_version"]["detail"]
+    bad.write_bytes(b"PK\x03\x04zipfile!")
+    assert not {c["name"]: c for c in check_gguf_file(bad, size=None, sha256=None)}["gguf_magic"]["ok"]
+    assert check_gguf_file(tmp_path / "gone.gguf", size=1, sha256=None) == [
+        {"name": "file", "ok": False, "detail": f"{str(tmp_path / 'gone.gguf')!r} does not exist"}]
+
+
+def test_chat_check_against_the_lm_studio_stand_in(q8_gguf: Path, lmstudio: object) -> None:
+    """The stand-in lists only depth-2 files, loads just in time, and answers chat completions via llama.cpp."""
+    import shutil
+    import subprocess
+
+    from include.health import check_chat, evaluate
+
+    repo = lmstudio.models_dir / "acme" / "tiny-GGUF"
+    repo.mkdir(parents=True)
+    shutil.copy(q8_gguf, repo / "tiny-Q8_0.gguf")
+    shutil.copy(q8_gguf, lmstudio.models_dir / "acme" / "too-shallow.gguf")
+    (repo / "deeper").mkdir()
+    shutil.copy(q8_gguf, repo / "deeper" / "too-deep.gguf")
+    assert lmstudio.model_ids() == ["acme/tiny-GGUF/tiny-Q8_0.gguf"]
+    with pytest.raises(HealthError, match=r"'tiny' is not listed by /v1/models"):
+        check_chat(lmstudio.url, model_id="tiny", system_prompt="Be brief.", prompt=PROMPT)
+    load = ["lms", "load", "acme/tiny-GGUF/tiny-Q8_0.gguf", "--identifier", "tiny"]
+    assert subprocess.run(load, check=False).returncode == 0
+    assert lmstudio.loads == []  # nothing loaded before the first request
+    figures = check_chat(lmstudio.url, model_id="tiny", system_prompt="Be brief.", prompt=PROMPT, max_tokens=6)
+    assert lmstudio.loads == [("tiny", str(repo / "tiny-Q8_0.gguf"))]
+    assert 1 <= figures["completion_tokens"] <= 6 and figures["tokens_per_s"] > 0
+    assert lmstudio.requests[-1]["body"]["messages"][0] == {"role": "system", "content": "Be brief."}
+    checks = evaluate(figures, max_latency_s=30, min_tokens_per_s=1e9, min_answer_tokens=1)
+    assert [c["ok"] for c in checks] == [True, True, False]
+    lmstudio.set_fail("tiny", "error")
+    with pytest.raises(HealthError, match=r"chat/completions for 'tiny' failed \(HTTP 500"):
+        check_chat(lmstudio.url, model_id="tiny", system_prompt="s", prompt=PROMPT)

@@ -79,8 +79,9 @@ def test_publish_uploads_ggufs_through_lfs_in_one_commit_with_card_and_tag(hub, 
     repo = hub.repo(target.repo_id)
     names = [f"{MODEL}-Q4_K_M.gguf", f"{MODEL}-Q8_0.gguf"]
     assert record == {"repo_id": target.repo_id, "repo_url": f"{hub.url}/{target.repo_id}",
-                      "commit": repo.head.oid, "tag": "v-checkpoint-1200", "files": names,
-                      "space_id": None, "space_url": None, "space_commit": None}
+                      "version": "checkpoint-1200", "commit": repo.head.oid, "tag": "v-checkpoint-1200",
+                      "revision": "v-checkpoint-1200", "main_moved": True, "files": names,
+                      "space_id": None, "space_url": None, "space_action": None}
     assert len(repo.commits) == 2  # the Hub's initial commit + exactly one publish commit
     assert repo.private is False
     for name, gguf in zip(names, ggufs, strict=True):
@@ -108,7 +109,7 @@ def test_republishing_the_same_version_is_idempotent(hub, make_ggufs):
 
     again = publish_model(model=MODEL, version="7", target=target, ggufs=ggufs, card=CARD)
 
-    assert again == first
+    assert again == {**first, "main_moved": False}
     assert [r for r in hub.responses if r[:2] == ("POST", "/api/repos/create")] == [
         ("POST", "/api/repos/create", 200), ("POST", "/api/repos/create", 409)]
     assert len(hub.repo(target.repo_id).commits) == 2
@@ -147,10 +148,11 @@ def test_public_space_gets_app_and_variables_but_no_secret(hub, make_ggufs):
     space = hub.repo(str(target.space_id), "space")
     assert record["space_id"] == target.space_id
     assert record["space_url"] == f"{hub.url}/spaces/{target.space_id}"
-    assert record["space_commit"] == space.head.oid
+    assert record["space_action"] == "created"
     assert space.sdk == "gradio" and space.hardware == "cpu-upgrade" and space.private is False
     assert {k: v["value"] for k, v in space.variables.items()} == {
-        "MODEL_REPO": target.repo_id, "MODEL_FILE": f"{MODEL}-Q4_K_M.gguf", "MODEL_REVISION": record["commit"]}
+        "MODEL_REPO": target.repo_id, "MODEL_FILE": f"{MODEL}-Q4_K_M.gguf", "MODEL_REVISION": record["commit"],
+        "SYSTEM_PROMPT": "You are a helpful assistant."}
     assert space.secrets == {}
     assert space.files["app.py"] == (TEMPLATE_DIR / "app.py").read_bytes()
     requirements = space.files["requirements.txt"].decode().splitlines()
@@ -240,12 +242,14 @@ def test_read_only_token_is_a_publish_error_asking_for_write_scope(hub, make_ggu
         publish_model(model=MODEL, version="1", target=target, ggufs=make_ggufs(), card=CARD)
 
 
-def test_unreachable_endpoint_is_a_publish_error(hub, make_ggufs):
+def test_unreachable_endpoint_is_a_retryable_publish_error_after_bounded_retries(hub, make_ggufs):
     target = HubTarget(repo_id=f"{hub.user}/x", space_id=None, private=False, token=hub.token,
-                       endpoint="http://127.0.0.1:9")
+                       endpoint="http://127.0.0.1:9", max_retries=2)
+    waits: list[float] = []
 
-    with pytest.raises(PublishError, match="reachable"):
-        publish_model(model=MODEL, version="1", target=target, ggufs=make_ggufs(), card=CARD)
+    with pytest.raises(PublishError, match="reachable") as caught:
+        publish_model(model=MODEL, version="1", target=target, ggufs=make_ggufs(), card=CARD, sleep=waits.append)
+    assert caught.value.retryable and waits == [1.0, 2.0]
 
 
 def test_token_never_in_logs_record_files_or_repr(hub, make_ggufs, caplog):

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import pytest
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException
 
 from include.errors import ConfigError, HealthError
 from operators._engine import as_bool, engine_errors
 from operators.download import VastAIDownloadOperator
-from operators.gguf import GGUFQuantizeOperator
+from operators.gguf import GGUFConvertOperator, GGUFQuantizeOperator
+from operators.gguf_asset import GGUFCollectOperator
 from operators.health import HealthCheckSensor
 from operators.hf_space import HFSpaceDeployOperator
+from operators.hf_space_sensor import HFSpaceRuntimeSensor
 from operators.lmstudio import LMStudioDeployOperator
 from operators.merge import MergeOperator
+from operators.plan import DeployPlanOperator
+from operators.promote import LMStudioPromoteOperator, LMStudioRollbackOperator
 
 NOWHERE = "/nonexistent/lora-deploy"
 
@@ -20,14 +24,22 @@ NOWHERE = "/nonexistent/lora-deploy"
 def all_operators():
     """One instance of each operator, built with paths that do not exist (constructors must do no I/O)."""
     return [
+        DeployPlanOperator(task_id="plan", model="m", artifact_root=NOWHERE, source={"kind": "local", "path": NOWHERE},
+                           base_model=NOWHERE),
         VastAIDownloadOperator(task_id="download", model="m", artifact_root=NOWHERE, source_kind="local",
                                source_path=NOWHERE),
         MergeOperator(task_id="merge", model="m", adapter={}, base_model=NOWHERE, artifact_root=NOWHERE),
-        GGUFQuantizeOperator(task_id="quantize", model="m", merged={}, quant_types=["Q8_0"], artifact_root=NOWHERE),
-        LMStudioDeployOperator(task_id="install", model="m", ggufs={}, adapter={}, models_dir=NOWHERE,
-                               publisher="p", repo="r"),
-        HealthCheckSensor(task_id="health", model="m", installed={}),
-        HFSpaceDeployOperator(task_id="publish", model="m", ggufs={}, adapter={}, repo_id=None),
+        GGUFConvertOperator(task_id="convert", model="m", merged={}, adapter={}, quant_types=["Q8_0"],
+                            artifact_root=NOWHERE, settings={}),
+        GGUFQuantizeOperator(task_id="quantize", model="m", converted={}, quant_type="Q8_0", artifact_root=NOWHERE,
+                             settings={}),
+        GGUFCollectOperator(task_id="ggufs", model="m", converted={}, quantized=[], adapter={}),
+        LMStudioDeployOperator(task_id="install", model="m", ggufs={}, adapter={}, artifact_root=NOWHERE, settings={}),
+        HealthCheckSensor(task_id="smoke", model="m", installed={}, phase="smoke", settings={}, artifact_root=NOWHERE),
+        LMStudioPromoteOperator(task_id="promote", model="m", artifact_root=NOWHERE, settings={}),
+        LMStudioRollbackOperator(task_id="rollback", model="m", artifact_root=NOWHERE, settings={}),
+        HFSpaceDeployOperator(task_id="publish", model="m", ggufs={}, adapter={}, settings=None),
+        HFSpaceRuntimeSensor(task_id="space_ready", model="m", published={}, settings=None),
     ]
 
 
@@ -48,20 +60,6 @@ def test_non_retryable_engine_errors_fail_at_once_with_the_model_named():
 def test_retryable_engine_errors_are_left_to_the_retry_policy():
     with pytest.raises(HealthError, match="model 'majora'"), engine_errors("majora"):
         raise HealthError("endpoint down")
-
-
-def test_publish_is_skipped_without_an_hf_section():
-    operator = HFSpaceDeployOperator(task_id="publish", model="m", ggufs={}, adapter={}, repo_id=None)
-    with pytest.raises(AirflowSkipException, match="no `hf` section"):
-        operator.execute({})
-
-
-def test_publish_without_a_token_names_the_connection(monkeypatch):
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    operator = HFSpaceDeployOperator(task_id="publish", model="m", ggufs={"files": []}, adapter={"version": "v"},
-                                     repo_id="acme/m-GGUF", hf_conn_id="hf_missing_conn")
-    with pytest.raises(AirflowFailException, match="connection 'hf_missing_conn' is missing"):
-        operator.execute({})
 
 
 @pytest.mark.parametrize(("value", "expected"), [(True, True), (False, False), ("True", True), ("false", False),

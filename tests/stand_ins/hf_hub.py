@@ -42,7 +42,8 @@ class HubStandIn(HubState):
     ``unknown_routes`` the requests no route matched. ``token`` is a write token of user ``user`` (namespaces
     ``user`` and ``orgs``), ``read_token`` a read-only one; any other bearer token is answered 401.
     ``space_build_stages`` is the sequence a Space runtime walks through (one step per runtime poll) after a
-    commit, a variable/secret change or a restart.
+    commit, a variable/secret change or a restart; ``space_error_message`` the ``errorMessage`` of an error stage.
+    :meth:`fail_next` makes the next matching request(s) of a known route answer an error (429, 503, ...).
     """
 
     def __init__(self, user: str = "lora-tester", orgs: tuple[str, ...] = ("lora-org",)) -> None:
@@ -50,6 +51,7 @@ class HubStandIn(HubState):
         self.requests: list[tuple[str, str]] = []
         self.responses: list[tuple[str, str, int]] = []
         self.unknown_routes: list[tuple[str, str]] = []
+        self.faults: list[dict[str, Any]] = []
         self._sig = secrets.token_hex(8)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -66,6 +68,8 @@ class HubStandIn(HubState):
                 ("POST", _GIT + r"\.git/info/lfs/objects/verify", self._lfs_verify),
                 ("POST", _API + r"/commit/(?P<rev>[^/]+)", self._commit),
                 ("POST", _API + r"/tag/(?P<rev>[^/]+)", self._create_tag),
+                ("POST", _API + r"/branch/(?P<branch>[^/]+)", self._create_branch),
+                ("DELETE", _API + r"/branch/(?P<branch>[^/]+)", self._delete_branch),
                 ("DELETE", _API + r"/tag/(?P<tag>[^/]+)", self._delete_tag),
                 ("GET", _API + r"/refs", self._refs),
                 ("GET", _API + r"/commits/(?P<rev>[^/]+)", self._list_commits),
@@ -102,6 +106,21 @@ class HubStandIn(HubState):
         """Base URL, e.g. ``http://127.0.0.1:41234``."""
         assert self._server is not None, "use HubStandIn as a context manager"
         return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def fail_next(self, method: str, path_pattern: str, status: int, *, times: int = 1,
+                  headers: dict[str, str] | None = None, message: str = "stand-in fault") -> None:
+        """Answer the next ``times`` requests ``method`` on a path matching ``path_pattern`` (regex, searched)
+        with ``status``, ``headers`` (e.g. ``Retry-After``) and ``message``, before the route runs."""
+        with self.lock:
+            self.faults.append({"method": method, "pattern": re.compile(path_pattern), "status": status,
+                                "times": times, "headers": dict(headers or {}), "message": message})
+
+    def _fault_for(self, method: str, path: str) -> dict[str, Any] | None:
+        for fault in self.faults:
+            if fault["times"] > 0 and fault["method"] == method and fault["pattern"].search(path):
+                fault["times"] -= 1
+                return fault
+        return None
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def _repo(self, req: _Handler, m: dict, *, write: bool = False, repo_type: str | None = None) -> Repo:
@@ -159,7 +178,8 @@ class HubStandIn(HubState):
 
     def _preupload(self, req: _Handler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True)
-        head = repo.resolve(unquote(m["rev"])).files
+        tip = repo.resolve(unquote(m["rev"]))
+        head = tip.files
         patterns = [ln.split()[0] for ln in head.get(".gitattributes", Blob(b"", False)).content.decode().splitlines()
                     if "filter=lfs" in ln]
         result = []
@@ -170,7 +190,7 @@ class HubStandIn(HubState):
             existing = head.get(item["path"])
             result.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
                            "oid": existing.oid if existing is not None else None})
-        return {"files": result, "commitOid": repo.head.oid}
+        return {"files": result, "commitOid": tip.oid}
 
     def _lfs_batch(self, req: _Handler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True)
@@ -209,12 +229,10 @@ class HubStandIn(HubState):
 
     def _commit(self, req: _Handler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True)
-        if unquote(m["rev"]) != "main":
-            raise HubError(404, f"Invalid rev id: {unquote(m['rev'])}", "RevisionNotFound")
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "The first line of the NDJSON payload must be the header")
-        commit = self._apply_commit(repo, lines[0]["value"], lines[1:])
+        commit = self._apply_commit(repo, lines[0]["value"], lines[1:], unquote(m["rev"]))
         url = f"{self.url}/{URL_PREFIX[repo.repo_type]}{repo.repo_id}/commit/{commit.oid}"
         return {"success": True, "commitOid": commit.oid, "commitUrl": url, "hookOutput": ""}
 
@@ -228,6 +246,26 @@ class HubStandIn(HubState):
         repo.tags[tag] = repo.resolve(unquote(m["rev"])).oid
         return {}
 
+    def _create_branch(self, req: _Handler, m: dict, body: bytes) -> Any:
+        repo = self._repo(req, m, write=True)
+        branch = unquote(m["branch"])
+        if branch in repo.branches:
+            raise HubError(409, f"Reference already exists: refs/heads/{branch}")
+        if branch in repo.tags or not re.fullmatch(r"[\w][\w.+-]*", branch) or ".." in branch:
+            raise HubError(400, f"Invalid reference for a branch: {branch}")
+        start = (json.loads(body) if body else {}).get("startingPoint") or "main"
+        repo.branches[branch] = repo.resolve(start).oid
+        return {}
+
+    def _delete_branch(self, req: _Handler, m: dict, body: bytes) -> Any:
+        repo = self._repo(req, m, write=True)
+        branch = unquote(m["branch"])
+        if branch == "main":
+            raise HubError(403, "Cannot delete the default branch")
+        if repo.branches.pop(branch, None) is None:
+            raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+        return {}
+
     def _delete_tag(self, req: _Handler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True)
         if repo.tags.pop(unquote(m["tag"]), None) is None:
@@ -236,15 +274,15 @@ class HubStandIn(HubState):
 
     def _refs(self, req: _Handler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m)
-        return {"branches": [{"name": "main", "ref": "refs/heads/main", "targetCommit": repo.head.oid}],
+        branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": o} for b, o in repo.branches.items()]
+        return {"branches": branches,
                 "converts": [], "pullRequests": [],
                 "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": o} for t, o in repo.tags.items()]}
 
     def _list_commits(self, req: _Handler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m)
-        tip = repo.commits.index(repo.resolve(unquote(m["rev"])))
         return [{"id": c.oid, "title": c.title, "message": c.message, "date": c.date,
-                 "authors": [{"user": self.user}]} for c in reversed(repo.commits[: tip + 1])]
+                 "authors": [{"user": self.user}]} for c in repo.history(repo.resolve(unquote(m["rev"])))]
 
     def _repo_info(self, req: _Handler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m)
@@ -297,6 +335,8 @@ class HubStandIn(HubState):
     def _restart(self, req: _Handler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True, repo_type="space")
         repo.stages = list(self.space_build_stages)
+        repo.error_message = self.space_error_message
+        repo.restarts += 1
         return self._runtime_json(repo)
 
     def _resolve(self, req: _Handler, m: dict, body: bytes) -> Any:
@@ -356,6 +396,9 @@ class _Handler(BaseHTTPRequestHandler):
             if route is None:
                 hub.unknown_routes.append((self.command, path))
                 status, payload, headers = 404, {"error": f"Sorry, we can't find the page {path}"}, {}
+            elif (fault := hub._fault_for(self.command, path)) is not None:
+                status, payload = fault["status"], {"error": fault["message"]}
+                headers = {"X-Error-Message": fault["message"], **fault["headers"]}
             else:
                 handler, match = route
                 try:

@@ -64,6 +64,7 @@ class Commit:
     message: str
     date: str
     files: dict[str, Blob]
+    parent: str = ""
 
     def tree(self, base: str, recursive: bool) -> list[dict]:
         """Tree entries under folder ``base`` ("" for the root), one level deep unless ``recursive``."""
@@ -100,15 +101,29 @@ class Repo:
     hardware: str | None = None
     commits: list[Commit] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+    branches: dict[str, str] = field(default_factory=dict)
     variables: dict[str, dict] = field(default_factory=dict)
     secrets: dict[str, dict] = field(default_factory=dict)
     stages: list[str] = field(default_factory=lambda: ["NO_APP_FILE"])
+    error_message: str | None = None
+    restarts: int = 0
     created_at: str = field(default_factory=now)
 
     @property
     def head(self) -> Commit:
         """Tip of ``main``."""
-        return self.commits[-1]
+        return self.commit(self.branches["main"])
+
+    def commit(self, oid: str) -> Commit:
+        """The commit with id ``oid``."""
+        return next(c for c in self.commits if c.oid == oid)
+
+    def history(self, tip: Commit) -> list[Commit]:
+        """``tip`` and its ancestors, newest first."""
+        chain = [tip]
+        while chain[-1].parent:
+            chain.append(self.commit(chain[-1].parent))
+        return chain
 
     @property
     def files(self) -> dict[str, bytes]:
@@ -121,9 +136,9 @@ class Repo:
         return self.stages[0]
 
     def resolve(self, revision: str) -> Commit:
-        """Commit for a branch (main), tag or (short) commit id, else RevisionNotFound."""
-        if revision == "main":
-            return self.head
+        """Commit for a branch, tag or (short) commit id, else RevisionNotFound."""
+        if revision in self.branches:
+            return self.commit(self.branches[revision])
         oid = self.tags.get(revision, revision)
         found = [c for c in self.commits if len(oid) >= 7 and c.oid.startswith(oid)]
         if not found:
@@ -144,6 +159,7 @@ class HubState:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.space_build_stages = ["BUILDING", "RUNNING"]
+        self.space_error_message: str | None = None
         self.lock = threading.RLock()
 
     def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
@@ -199,10 +215,13 @@ class HubState:
         self._add_commit(repo, "initial commit", "", files)
         return repo
 
-    def _apply_commit(self, repo: Repo, header: dict, operations: list[dict]) -> Commit:
-        """Commit NDJSON ``operations`` (file, lfsFile, deletedFile, deletedFolder) on ``main`` per ``header``."""
-        files = dict(repo.head.files)
-        if header.get("parentCommit") and not repo.head.oid.startswith(header["parentCommit"]):
+    def _apply_commit(self, repo: Repo, header: dict, operations: list[dict], branch: str = "main") -> Commit:
+        """Commit NDJSON ``operations`` (file, lfsFile, deletedFile, deletedFolder) on ``branch`` per ``header``."""
+        if branch not in repo.branches:
+            raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+        tip = repo.commit(repo.branches[branch])
+        files = dict(tip.files)
+        if header.get("parentCommit") and not tip.oid.startswith(header["parentCommit"]):
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
         for line in operations:
             key, value = line["key"], line["value"]
@@ -221,21 +240,27 @@ class HubState:
                     del files[path]
             else:
                 raise HubError(400, f"Unknown commit operation {key!r}")
-        return self._add_commit(repo, header["summary"], header.get("description", ""), files)
+        return self._add_commit(repo, header["summary"], header.get("description", ""), files, branch)
 
     def _runtime_json(self, repo: Repo) -> dict:
-        return {"stage": repo.stage, "hardware": {"current": repo.hardware, "requested": repo.hardware},
-                "gcTimeout": 172800, "storage": None, "devMode": False}
+        answer = {"stage": repo.stage, "hardware": {"current": repo.hardware, "requested": repo.hardware},
+                  "gcTimeout": 172800, "storage": None, "devMode": False}
+        if repo.stage.endswith("_ERROR") and repo.error_message:
+            answer["errorMessage"] = repo.error_message
+        return answer
 
     def _rebuild(self, repo: Repo) -> None:
         if repo.repo_type == "space" and "app.py" in repo.head.files:
             repo.stages = list(self.space_build_stages)
+            repo.error_message = self.space_error_message
 
-    def _add_commit(self, repo: Repo, title: str, message: str, files: dict[str, Blob]) -> Commit:
-        parent = repo.commits[-1].oid if repo.commits else ""
+    def _add_commit(self, repo: Repo, title: str, message: str, files: dict[str, Blob], branch: str = "main") -> Commit:
+        parent = repo.branches.get(branch, "")
         tree = json.dumps({p: [b.oid, b.lfs] for p, b in sorted(files.items())})
         oid = hashlib.sha1(f"{parent}\n{tree}\n{title}\n{message}\n{len(repo.commits)}".encode()).hexdigest()
-        commit = Commit(oid, title, message, now(), files)
+        commit = Commit(oid, title, message, now(), files, parent)
         repo.commits.append(commit)
-        self._rebuild(repo)
+        repo.branches[branch] = oid
+        if branch == "main":
+            self._rebuild(repo)
         return commit
