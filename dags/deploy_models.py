@@ -170,7 +170,7 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
             task_id="download", model=model.name, artifact_root=root, source_kind=source.kind,
             source_path=getattr(source, "path", None), ssh_conn_id=getattr(source, "ssh_conn_id", None),
             remote_dir=getattr(source, "remote_dir", None), checkpoint_glob=source.checkpoint_glob,
-            instance_id="{{ params.instance_id or '" + str(getattr(source, "instance_id", None) or "") + "' }}",
+            instance_id="{{ ti.xcom_pull(task_ids='plan')['instance_id'] or '' }}",
             vastai_conn_id=getattr(source, "vastai_conn_id", "vastai_default"),
             vastai_api_url=getattr(source, "api_url", None), transfer=getattr(source, "transfer", "auto"),
             verify_host_key=getattr(source, "verify_host_key", True),

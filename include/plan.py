@@ -59,6 +59,7 @@ class DeployPlan:
     already_deployed: bool = False
     dry_run: bool = False
     promote: bool = False
+    instance_id: str | None = None
     warnings: list[str] = field(default_factory=list)
 
     def as_record(self) -> dict[str, Any]:
@@ -66,6 +67,14 @@ class DeployPlan:
         record = asdict(self)
         record["disk"] = [{**asdict(d), "ok": d.ok} for d in self.disk]
         return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> DeployPlan:
+        """The plan back from its XCom record."""
+        fields = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        fields["disk"] = [DiskCheck(path=d["path"], need_bytes=d["need_bytes"], free_bytes=d["free_bytes"])
+                          for d in record.get("disk", [])]
+        return cls(**fields)
 
     def text(self) -> str:
         """A readable plan, one step a line."""

@@ -103,9 +103,13 @@ class DeployPlanOperator(BaseOperator, SkipMixin):
         targets = check_targets(list(self.targets or ()), has_hf=bool(self.hf))
         quant_types = self._quant_types()
         self._check_connections(targets)
-        requested, selected_by = self._requested_version(context)
+        event = self._newest_event(context)
+        requested, selected_by = str(self.adapter_version or "").strip() or None, "conf"
+        if not requested and event.get("adapter_version"):
+            requested, selected_by = str(event["adapter_version"]), "asset event"
+        instance_id = str(self.instance_id or "").strip() or str(event.get("instance_id") or "").strip() or None
         not_after = None if requested else dated_selection(context)
-        opener = SourceOpener.from_config(self.source, instance_id=str(self.instance_id or "") or None)
+        opener = SourceOpener.from_config(self.source, instance_id=instance_id)
         with opener.open() as source:
             checkpoint = select_checkpoint(source.list_checkpoints(), requested, where=source.description,
                                            not_after=not_after)
@@ -124,7 +128,7 @@ class DeployPlanOperator(BaseOperator, SkipMixin):
             lmstudio_dir=self.lmstudio_dir, hf_repo=(self.hf or {}).get("repo_id"),
             hf_space=(self.hf or {}).get("space_id"), current_version=current,
             already_deployed=checkpoint.name in deployed, dry_run=as_bool(self.dry_run),
-            promote=as_bool(self.promote))
+            promote=as_bool(self.promote), instance_id=opener.instance_id)
         plan.disk.append(disk_check(Path(self.artifact_root), sum(o["bytes"] for o in outputs)))
         if "lmstudio" in targets and self.lmstudio_dir:
             quants = sum(o["bytes"] for o in outputs if o["name"] in quant_types)
@@ -146,20 +150,15 @@ class DeployPlanOperator(BaseOperator, SkipMixin):
                               fix=f"use names from {list(QUANT_TYPES)}")
         return list(dict.fromkeys(types))
 
-    def _requested_version(self, context: Context) -> tuple[str | None, str]:
-        version = str(self.adapter_version or "").strip()
-        if version:
-            return version, "conf"
-        events = context.get("triggering_asset_events") or {}
+    @staticmethod
+    def _newest_event(context: Context) -> dict[str, Any]:
+        """The ``extra`` of the newest triggering asset event (a training job's adapter_version, instance_id)."""
         newest = None
-        for asset_events in events.values():
+        for asset_events in (context.get("triggering_asset_events") or {}).values():
             for event in asset_events:
-                extra = getattr(event, "extra", None) or {}
-                if extra.get("adapter_version") and (newest is None or event.timestamp > newest.timestamp):
+                if newest is None or event.timestamp > newest.timestamp:
                     newest = event
-        if newest is not None:
-            return str(newest.extra["adapter_version"]), "asset event"
-        return None, "newest"
+        return dict(getattr(newest, "extra", None) or {})
 
     def _check_connections(self, targets: list[str]) -> None:
         from airflow.sdk.exceptions import AirflowNotFoundException

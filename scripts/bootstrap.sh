@@ -15,7 +15,8 @@ fi
 if ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "==> installing cmake and g++ (apt)"
-    apt-get install -y -q --no-install-recommends cmake g++ >/dev/null
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends cmake g++ >/dev/null
   else
     echo "cmake and g++ are needed to build llama-quantize/llama-imatrix: install them (apt-get install cmake g++)" >&2
     exit 1

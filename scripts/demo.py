@@ -64,7 +64,10 @@ def summarize(result: dict[str, object], seconds: float) -> str:
         lines.append(f"  {task_id:11s} {record['state']}{reused}")
     plan = records["plan"]["xcom"] or {}
     if plan.get("dry_run"):
-        lines.append("dry run: nothing was written (the plan is in the plan task's log and XCom)")
+        from include.plan import DeployPlan
+
+        lines.append(DeployPlan.from_record(plan).text())
+        lines.append("dry run: nothing was written")
     installed = (records["install"]["xcom"] or {}).get("installed", [])
     if installed:
         lines.append("GGUFs installed for LM Studio:")

@@ -1,0 +1,300 @@
+"""Benchmark the whole chain: the deploy DAG in a real Airflow (and under dag.test) vs a shell script of raw tools.
+
+    .venv/bin/python bench/pipeline/run.py [--size 0p5b|tiny] [--fidelity on|off]
+
+Same machine, same run, same inputs: a generated bf16 Llama (~0.5B, bench/merge/models.py, with the tiny
+model's SentencePiece tokenizer) and an r=16 all-linear LoRA on a loopback OpenSSH "training box".
+
+* script: bench/pipeline/reference.sh (rsync, peft merge_and_unload, convert_hf_to_gguf, the quantizer
+  three times, cp, a llama.cpp server probe);
+* airflow: api-server + scheduler (LocalExecutor) + dag-processor + triggerer on loopback with SQLite; the
+  run is triggered through the REST API and timed from the trigger to the run's success; per-task
+  durations come from the REST API; then the same run again (nothing new: every stage reused);
+* dag.test: the same DAG in-process, in a fresh artifact store.
+
+Peak RSS is sampled (every 0.1 s) over each side's whole process tree: the largest single process and
+the largest sum. Writes bench/results/pipeline.json, docs/images/pipeline.png and prints the tables
+for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "merge")]
+
+import psutil  # noqa: E402
+import yaml  # noqa: E402
+
+CACHE = Path(os.environ.get("LORA_DEPLOY_CACHE", Path.home() / ".cache" / "lora-deploy")) / "bench"
+QUANTS = ["Q4_K_M", "Q5_K_M", "Q8_0"]
+CHAIN = ["plan", "download", "merge", "convert", "quant_types", "quantize", "ggufs", "install", "smoke", "promote",
+         "health"]
+
+
+class RssSampler:
+    """Samples the RSS of process trees in a thread: peak of one process and peak of the sum."""
+
+    def __init__(self, roots: list[int]) -> None:
+        self.roots, self.peak_one, self.peak_sum = roots, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            total = 0
+            for root in self.roots:
+                try:
+                    procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+                except psutil.NoSuchProcess:
+                    continue
+                for proc in procs:
+                    try:
+                        rss = proc.memory_info().rss
+                    except psutil.Error:
+                        continue
+                    total += rss
+                    self.peak_one = max(self.peak_one, rss)
+            self.peak_sum = max(self.peak_sum, total)
+
+
+def prepare(size: str, work: Path) -> tuple[Path, Path]:
+    """(base dir with a tokenizer, training box dir holding checkpoint-100)."""
+    from include.tiny_model import make_base_model, make_lora_adapter
+
+    tiny = CACHE / "gguf-tiny"
+    if not (tiny / "config.json").is_file():
+        make_base_model(tiny)
+    box = work / "box"
+    if size == "tiny":
+        base = tiny
+        make_lora_adapter(tiny, box / "checkpoint-100", seed=5)
+        return base, box
+    from models import make
+
+    weights, adapter = make(size)
+    base = CACHE / f"pipeline-{size}"
+    if not (base / "config.json").is_file():
+        tmp = CACHE / f".pipeline-{size}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for file in weights.iterdir():
+            (tmp / file.name).symlink_to(file)
+        for name in ("tokenizer.model", "tokenizer_config.json"):
+            shutil.copyfile(tiny / name, tmp / name)
+        tmp.rename(base)
+    checkpoint = box / "checkpoint-100"
+    checkpoint.mkdir(parents=True)
+    shutil.copyfile(adapter / "adapter_model.safetensors", checkpoint / "adapter_model.safetensors")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base)
+    (checkpoint / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return base, box
+
+
+def run_script(sshd: Any, box: Path, base: Path, work: Path) -> dict[str, Any]:
+    """The reference script, with per-step seconds, total wall and peak RSS."""
+    from include.toolchain import pinned_toolchain
+
+    tool = pinned_toolchain().tool("llama-quantize")  # the quantizer the engine runs, built from the same sources
+    quantize_cmd = str(tool) if tool else f"{sys.executable} {ROOT / 'bench/pipeline/quantize.py'}"
+    env = {**os.environ, "PYTHON": sys.executable, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    argv = [str(ROOT / "bench/pipeline/reference.sh"), str(work / "script"), "127.0.0.1", str(sshd.port), sshd.user,
+            str(sshd.client_key), str(box / "checkpoint-100"), str(base), str(pinned_toolchain().converter),
+            quantize_cmd, str(work / "script-lmstudio")]
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with RssSampler([proc.pid]) as rss:
+        out, err = proc.communicate()
+    wall = time.monotonic() - started
+    if proc.returncode:
+        raise SystemExit(f"reference script failed: {err[-3000:]}")
+    stages = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if len(line.split()) == 2}
+    return {"wall_s": round(wall, 2), "stages": stages, "peak_rss_mb": round(rss.peak_one / 1e6),
+            "peak_rss_sum_mb": round(rss.peak_sum / 1e6), "quantizer": quantize_cmd}
+
+
+def write_config(path: Path, base: Path, box: Path, work: Path, fidelity: bool) -> Path:
+    """The bench model's config: SSH source on the loopback box, three quants, LM Studio dir, no Hub."""
+    entry = {"base_model": str(base), "source": {"kind": "ssh", "ssh_conn_id": "bench_box", "remote_dir": str(box)},
+             "quantize": {"types": QUANTS}, "fidelity": {"enabled": fidelity},
+             "lmstudio": {"models_dir": str(work / "lmstudio"), "publisher": "bench"},
+             "notify": {"slack_conn_id": None}}
+    path.write_text(yaml.safe_dump({"settings": {"artifact_root": str(work / "artifacts")},
+                                    "models": {"bench": entry}}))
+    return path
+
+
+def task_durations(airflow: Any, run_id: str) -> dict[str, float]:
+    """Seconds per task (mapped tasks: each map index, and their span as ``quantize``)."""
+    from datetime import datetime
+
+    tis = airflow.api("GET", f"/dags/deploy_bench/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+    out: dict[str, float] = {}
+    spans: list[tuple[datetime, datetime]] = []
+    for ti in tis:
+        if not ti.get("start_date") or not ti.get("end_date"):
+            continue
+        start, end = datetime.fromisoformat(ti["start_date"]), datetime.fromisoformat(ti["end_date"])
+        if ti["map_index"] >= 0:
+            out[f"quantize[{ti.get('rendered_map_index') or ti['map_index']}]"] = (end - start).total_seconds()
+            spans.append((start, end))
+        else:
+            out[ti["task_id"]] = (end - start).total_seconds()
+    if spans:
+        out["quantize"] = (max(e for _, e in spans) - min(s for s, _ in spans)).total_seconds()
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def run_airflow(sshd: Any, config: Path, work: Path) -> dict[str, Any]:
+    """Trigger through REST, time to success; the same again (nothing new)."""
+    from tests.e2e.airflow_services import airflow_services, wait_for
+
+    services = airflow_services(work / "airflow", {"LORA_DEPLOY_CONFIG": str(config),
+                                                   "AIRFLOW_CONN_BENCH_BOX": sshd.airflow_conn()})
+    services.start()
+    try:
+        wait_for(lambda: services.api("GET", "/dags/deploy_bench").ok, timeout_s=180, what="deploy_bench parsed")
+        services.api("PATCH", "/dags/deploy_bench", json={"is_paused": False}).raise_for_status()
+        results: dict[str, Any] = {}
+        for label in ("first", "rerun"):
+            with RssSampler([p.pid for p in services.processes.values()]) as rss:
+                started = time.monotonic()
+                response = services.api("POST", "/dags/deploy_bench/dagRuns", json={"logical_date": None, "conf": {}})
+                response.raise_for_status()
+                run_id = response.json()["dag_run_id"]
+
+                def done(run_id: str = run_id) -> str | None:
+                    state = services.api("GET", f"/dags/deploy_bench/dagRuns/{run_id}").json()["state"]
+                    return state if state in ("success", "failed") else None
+
+                state = wait_for(done, timeout_s=3600, what="the bench run", interval_s=0.2)
+                wall = time.monotonic() - started
+            if state != "success":
+                raise SystemExit(f"deploy_bench {label} run {state}: {task_durations(services, run_id)}")
+            durations = task_durations(services, run_id)
+            critical = sum(durations.get(t, 0.0) for t in CHAIN)
+            results[label] = {"wall_s": round(wall, 2), "tasks": durations, "task_work_s": round(critical, 2),
+                              "overhead_s": round(wall - critical, 2), "peak_rss_mb": round(rss.peak_one / 1e6),
+                              "peak_rss_sum_mb": round(rss.peak_sum / 1e6)}
+            print(f"airflow {label}: {wall:.1f} s (task work {critical:.1f} s)", flush=True)
+        return results
+    finally:
+        services.stop()
+
+
+def run_dag_test(sshd: Any, config: Path, work: Path) -> dict[str, Any]:
+    """The same DAG under dag.test() in a fresh interpreter and a fresh artifact store."""
+    fresh = config.parent / "models-dagtest.yaml"
+    raw = yaml.safe_load(config.read_text())
+    raw["settings"]["artifact_root"] = str(work / "artifacts-dagtest")
+    raw["models"]["bench"]["lmstudio"]["models_dir"] = str(work / "lmstudio-dagtest")
+    fresh.write_text(yaml.safe_dump(raw))
+    code = ("import sys; from pathlib import Path; from airflow.utils.db import initdb; initdb(); "
+            "from airflow.dag_processing.dagbag import BundleDagBag; d=Path(sys.argv[1]); "
+            "bag=BundleDagBag(dag_folder=str(d), bundle_path=d, bundle_name='dags-folder'); "
+            "print('STATE', bag.dags['deploy_bench'].test().state)")
+    env = {**os.environ, "LORA_DEPLOY_CONFIG": str(fresh), "AIRFLOW_HOME": str(work / "airflow-dagtest"),
+           "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW_CONN_BENCH_BOX": sshd.airflow_conn(), "PYTHONPATH": str(ROOT)}
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT / "dags")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    with RssSampler([proc.pid]) as rss:
+        out, _ = proc.communicate()
+    wall = time.monotonic() - started
+    if "STATE success" not in out:
+        raise SystemExit(f"dag.test failed: {out[-3000:]}")
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(rss.peak_one / 1e6)}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """A PNG of stage times, DAG (real Airflow) vs script, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    script = results["script"]["stages"]
+    dag = results["airflow"]["first"]["tasks"]
+    rows = [("download", script.get("download", 0), dag.get("download", 0)),
+            ("merge", script.get("merge", 0), dag.get("merge", 0)),
+            ("convert", script.get("convert", 0), dag.get("convert", 0)),
+            ("quantize x3", sum(v for k, v in script.items() if k.startswith("quantize")), dag.get("quantize", 0)),
+            ("install", script.get("install", 0), dag.get("install", 0)),
+            ("health", script.get("health", 0), dag.get("smoke", 0) + dag.get("health", 0)),
+            ("orchestration", 0.0, results["airflow"]["first"]["overhead_s"]),
+            ("TOTAL", results["script"]["wall_s"], results["airflow"]["first"]["wall_s"])]
+    width, row_h, left = 900, 34, 140
+    image = Image.new("RGB", (width, 60 + row_h * len(rows)), "white")
+    draw = ImageDraw.Draw(image)
+    top = max(max(s, d) for _, s, d in rows) or 1.0
+    scale = (width - left - 90) / top
+    draw.text((10, 10), "Stage wall time (s): script (grey) vs deploy DAG in Airflow (orange)", fill="black")
+    for i, (name, s, d) in enumerate(rows):
+        y = 40 + i * row_h
+        draw.text((10, y + 8), name, fill="black")
+        draw.rectangle([left, y, left + s * scale, y + 12], fill="#9e9e9e")
+        draw.rectangle([left, y + 14, left + d * scale, y + 26], fill="#ef6c00")
+        draw.text((left + max(s, d) * scale + 6, y + 8), f"{s:.1f} / {d:.1f}", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def main() -> int:
+    """Prepare, run the three sides, write results, plot, print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="0p5b", choices=["0p5b", "tiny"])
+    parser.add_argument("--fidelity", default="on", choices=["on", "off"])
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    from tests.stand_ins.sshd import start_sshd
+
+    work = Path(tempfile.mkdtemp(prefix="lora-deploy-pipeline-"))
+    sshd = start_sshd(work / "sshd")
+    try:
+        base, box = prepare(args.size, work)
+        config = write_config(work / "models.yaml", base, box, work, args.fidelity == "on")
+        results: dict[str, Any] = {"command": "python bench/pipeline/run.py " + " ".join(sys.argv[1:]),
+                                   "size": args.size, "fidelity": args.fidelity, "cpus": os.cpu_count()}
+        results["script"] = run_script(sshd, box, base, work)
+        print(f"script: {results['script']['wall_s']:.1f} s", flush=True)
+        results["airflow"] = run_airflow(sshd, config, work)
+        results["dag_test"] = run_dag_test(sshd, config, work)
+        print(f"dag.test: {results['dag_test']['wall_s']:.1f} s", flush=True)
+    finally:
+        sshd.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    first = results["airflow"]["first"]
+    results["ratio_vs_script"] = round(first["wall_s"] / results["script"]["wall_s"], 3)
+    results["dag_test_ratio_vs_script"] = round(results["dag_test"]["wall_s"] / results["script"]["wall_s"], 3)
+    results["rerun_seconds"] = results["airflow"]["rerun"]["wall_s"]
+    suffix = "" if (args.size, args.fidelity) == ("0p5b", "on") else f"-{args.size}-fidelity-{args.fidelity}"
+    (ROOT / "bench" / "results" / f"pipeline{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, ROOT / "docs" / "images" / f"pipeline{suffix}.png")
+    print(json.dumps({k: results[k] for k in ("ratio_vs_script", "dag_test_ratio_vs_script", "rerun_seconds")}))
+    print("\n| stage | script (s) | DAG in Airflow (s) |\n|---|---|---|")
+    for name, seconds in results["script"]["stages"].items():
+        print(f"| {name} | {seconds:.2f} | {first['tasks'].get(name.split('_')[0], '')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
