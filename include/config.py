@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from include.errors import ConfigError
 from include.expand import expand_env, expand_path
 
+# libyaml's safe loader parses a 500-model file ~10x faster than the pure-Python one (same semantics).
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 QUANT_NAME = re.compile(r"^[A-Z0-9_]+$")
 STAGES = ("download", "merge", "quantize", "install", "health", "publish")
@@ -463,7 +465,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror}",
                           fix="create it (see config/models.example.yaml) or set LORA_DEPLOY_CONFIG") from err
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_SAFE_LOADER) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}", fix="correct the YAML syntax at the line shown") from err
     if not isinstance(raw, dict):

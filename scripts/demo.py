@@ -8,7 +8,6 @@ scheduler or other process is left running.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
@@ -17,8 +16,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("plan", "download", "merge", "convert", "quantize", "ggufs", "install", "smoke", "promote", "health",
-          "rollback", "publish", "space_ready")
+STAGES = ("plan", "download", "merge", "convert", "quant_types", "quantize", "ggufs", "install", "smoke", "promote",
+          "health", "rollback", "publish", "space_ready")
 
 
 def configure_environment(home: Path) -> None:
@@ -75,8 +74,16 @@ def summarize(result: dict[str, object], seconds: float) -> str:
             lines.append(f"  {item['quant']:7s} {item['bytes'] / 1e6:7.2f} MB  {item['path']}")
     health = records["smoke"]["xcom"]
     if health:
-        lines.append("health report:")
-        lines.append("  " + json.dumps(health, indent=2).replace("\n", "\n  "))
+        lines.append(f"smoke test ({health.get('quant')}): {health['latency_s']:.2f} s latency, "
+                     f"{health['tokens_per_s']:.1f} tokens/s, answer: {health.get('answer_excerpt', '')[:60]!r}")
+        free = health.get("disk_free_bytes") or {}
+        lines.append(f"free disk: models dir {free.get('models_dir', 0) / 1e9:.1f} GB, artifact root "
+                     f"{free.get('artifact_root', 0) / 1e9:.1f} GB; free memory "
+                     f"{(health.get('mem_available_bytes') or 0) / 1e9:.1f} GB")
+    promote = records["promote"]["xcom"]
+    if promote:
+        lines.append(f"LM Studio current: {promote['version'] if promote['promoted'] else promote.get('previous')}"
+                     f" ({promote['reason']})")
     return "\n".join(lines)
 
 
