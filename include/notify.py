@@ -87,14 +87,19 @@ def failure_text(model: str, run_url: str | None, failed: list[tuple[str, str | 
     version = (records.get("download") or records.get("plan") or records.get("promote") or {}).get("version")
     lines = [f":x: *{model}* deploy" + (f" of `{version}`" if version else "") + " failed"
              + (f": {reason}" if reason else "")]
+    rollback = records.get("rollback") or {}
+    named = {task_id for task_id, _ in failed}
+    for task_id in rollback.get("failed_stages") or []:
+        if task_id not in named and task_id != "rollback":
+            failed = [(task_id, None), *failed]
     for task_id, log_url in failed:
         lines.append(f"• stage `{task_id}` failed" + (f", log: {log_url}" if log_url else ""))
-    rollback = records.get("rollback") or {}
     if rollback.get("restored_version"):
         lines.append(f":leftwards_arrow_with_hook: rolled back: `{rollback['restored_version']}` is current again "
                      f"(`{rollback.get('failed_version')}` failed: {rollback.get('reason')})")
     elif rollback:
-        lines.append(f"nothing was rolled back: {rollback.get('reason') or 'the version was never made current'}")
+        why = rollback.get("reason") or "an earlier stage failed"
+        lines.append(f"LM Studio unchanged (nothing was made current): {why}")
     if run_url:
         lines.append(f"Airflow run: {run_url}")
     return "\n".join(lines)

@@ -146,7 +146,12 @@ class AirflowClient:
         for run in self.call("GET", f"/dags/{dag_id}/dagRuns?{query}", model=model).get("dag_runs", []):
             run_id = run["dag_run_id"]
             path = f"/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}/upstreamAssetEvents"
-            events = self.call("GET", path, model=model).get("asset_events", [])
+            try:
+                events = self.call("GET", path, model=model).get("asset_events", [])
+            except TriggerError as err:
+                # A run the scheduler is still creating can answer 500 here for a moment: ask again next poll.
+                print(f"note: {err}; asking again", file=sys.stderr)
+                continue
             if any(event.get("id") == event_id for event in events):
                 return run_id
         return None
@@ -189,6 +194,11 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--wait", action="store_true", help="wait for the run; exit 0 on success, 1 if not")
         if mode == "run":
             command.add_argument("--now", action="store_true", help="logical_date = now (default: none)")
+            command.add_argument("--dry-run", action="store_true",
+                                 help="conf dry_run: the run logs its plan (version, outputs, disk) and writes nothing")
+            command.add_argument("--force", action="store_true", help="conf force: deploy even if already deployed")
+            command.add_argument("--promote", action="store_true",
+                                 help="conf promote: make this version current even if a newer one is")
     return parser
 
 
@@ -209,6 +219,9 @@ def _payload(args: argparse.Namespace) -> dict[str, Any]:
         payload["adapter_version"] = args.adapter_version
     if args.instance_id:
         payload["instance_id"] = args.instance_id
+    for flag in ("dry_run", "force", "promote"):
+        if getattr(args, flag, False):
+            payload[flag] = True
     return payload
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException
 
 from operators._engine import as_bool, engine_errors
 from operators.lmstudio import run_id_of
@@ -70,8 +70,9 @@ class LMStudioRollbackOperator(BaseOperator):
     Runs with ``trigger_rule="one_failed"`` after ``promote`` and ``health``. Restores the previous version's
     stable files byte for byte, reloads it with ``lms``, records a ``rollback`` event, pushes
     ``{"failed_version", "restored_version", "reason"}`` under XCom key ``rollback`` and fails the task so the
-    run ends failed. With nothing promoted (an earlier stage failed) it pushes ``restored_version: None`` and is
-    skipped ("nothing to roll back"): the run fails through the stage that failed.
+    run ends failed. With nothing promoted (an earlier stage failed) it pushes ``restored_version: None`` and
+    fails too ("nothing to roll back"): as a leaf it carries the failure to the run's state. The record also
+    lists ``failed_stages`` (the run's failed tasks), which the Slack message names.
 
     :param model: the model's name. :param settings: ``ModelConfig.lmstudio.model_dump(mode="json")``.
     :param artifact_root: where the ledger lives. (templated)
@@ -102,16 +103,33 @@ class LMStudioRollbackOperator(BaseOperator):
             failed = promoted.get("version") if promoted.get("promoted") else None
         else:
             failed = promoted_in_run(root, self.model, run_id)
-        reason = failure_reason(root, self.model, failed, run_id) or "health check failed"
+        stages = self._failed_stages(context)
+        reason = failure_reason(root, self.model, failed, run_id) or (
+            f"stage(s) {', '.join(stages)} failed" if stages else "health check failed")
         with engine_errors(self.model):
             record = rollback(model=self.model, settings=self.settings, artifact_root=root, failed_version=failed,
                               reason=reason, run_id=run_id)
-        summary = {k: record[k] for k in ("failed_version", "restored_version", "reason")}
+        summary = {**{k: record[k] for k in ("failed_version", "restored_version", "reason")},
+                   "failed_stages": stages}
         context["ti"].xcom_push(key="rollback", value=summary)
         if not record["rolled_back"]:
-            # An earlier stage failed before anything was made current: the run fails through that stage.
-            raise AirflowSkipException(f"model {self.model!r}: nothing to roll back (no version was made current "
-                                       f"by this run); the current LM Studio model is unchanged")
+            # This task is a leaf: failing here is what fails the run when the failed stage's other
+            # descendants were skipped (e.g. publish/space_ready for a model without an `hf` section).
+            raise AirflowFailException(f"model {self.model!r}: {reason}; nothing to roll back (no version was made "
+                                       f"current by this run), the current LM Studio model is unchanged")
         restored = record["restored_version"] or "nothing (no previous version; the model was unloaded)"
         raise AirflowFailException(f"model {self.model!r}: rolled back {record['failed_version']} -> {restored} "
                                    f"because: {reason}")
+
+    def _failed_stages(self, context: Context) -> list[str]:
+        """The task ids of this run that failed (asked of the API server; empty where it cannot be asked)."""
+        ti = context.get("ti")
+        try:
+            states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id])  # type: ignore[union-attr]
+        except Exception as err:  # dag.test has no API server to ask: not fatal
+            self.log.info("could not list the run's failed tasks: %s", err)
+            return []
+        run_states = states.get(ti.run_id, {}) if isinstance(states, dict) else {}  # type: ignore[union-attr]
+        return sorted(str(task) for task, state in run_states.items() if str(state).lower().endswith("failed")
+                      and not str(state).lower().endswith("upstream_failed"))
+

@@ -16,6 +16,7 @@ export AIRFLOW__API__PORT="${AIRFLOW_PORT:-8080}"
 export AIRFLOW__API__BASE_URL="http://127.0.0.1:${AIRFLOW_PORT:-8080}"
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://127.0.0.1:${AIRFLOW_PORT:-8080}/execution/"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$VENV/bin:$PATH"   # standalone starts each component as `airflow <component>`
 "$VENV/bin/python" -c "from include.demo import prepare_demo; from pathlib import Path; import os; \
 prepare_demo(Path(os.environ['LORA_DEPLOY_HOME']))"
 exec "$VENV/bin/airflow" standalone

@@ -43,7 +43,7 @@ def test_missing_adapter_config(broken_deployment, capfd):
     (broken_deployment["box"] / "checkpoint-20" / "adapter_config.json").unlink()
     broken_deployment["configure"]()
     state, records = run_deploy("deploy_broken")
-    assert state == "failed"
+    assert state == "failed", str({k: v["state"] for k, v in records.items()})
     assert_failed_cleanly(broken_deployment, records, "download", capfd, "has no adapter_config.json",
                           "save_pretrained")
 
@@ -51,12 +51,16 @@ def test_missing_adapter_config(broken_deployment, capfd):
 def test_base_model_path_that_does_not_exist(broken_deployment, capfd, tmp_path):
     broken_deployment["configure"](base_model=str(tmp_path / "no-such-base"))
     state, records = run_deploy("deploy_broken")
-    assert state == "failed"
-    assert_failed_cleanly(broken_deployment, records, "merge", capfd, "no-such-base", "does not exist")
+    assert state == "failed", str({k: v["state"] for k, v in records.items()})
+    assert_failed_cleanly(broken_deployment, records, "plan", capfd, "no-such-base", "does not exist")
+    assert records["download"]["state"] != "success", "the plan let a doomed run download"
 
 
-def test_quant_type_llama_cpp_does_not_know(broken_deployment, capfd):
+def test_quant_type_llama_cpp_does_not_know(broken_deployment):
+    from airflow.sdk.definitions.param import ParamValidationError
+
     broken_deployment["configure"]()
-    state, records = run_deploy("deploy_broken", {"quant_types": ["Q4_K_M", "Q9_ZZ"]})
-    assert state == "failed"
-    assert_failed_cleanly(broken_deployment, records, "quantize", capfd, "'Q9_ZZ'", "Q5_K_M")
+    with pytest.raises(ParamValidationError, match="Q9_ZZ"):
+        run_deploy("deploy_broken", {"quant_types": ["Q4_K_M", "Q9_ZZ"]})
+    assert not broken_deployment["lmstudio"].exists()
+    assert broken_deployment["slack"].messages == []

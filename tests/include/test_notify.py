@@ -46,6 +46,15 @@ def test_failure_names_the_stage_its_log_and_the_rollback():
     assert "`checkpoint-10` is current again (`checkpoint-20` failed: live endpoint: 0.5 tokens/s" in text
 
 
+def test_a_failure_before_promotion_names_the_failed_stages():
+    records = {"download": {"version": "checkpoint-20"},
+               "rollback": {"failed_version": None, "restored_version": None, "reason": "stage(s) download failed",
+                            "failed_stages": ["download"]}}
+    text = failure_text("demo", None, [("rollback", "http://log/rollback")], None, records)
+    assert "• stage `download` failed\n• stage `rollback` failed, log: http://log/rollback" in text
+    assert "LM Studio unchanged (nothing was made current): stage(s) download failed" in text
+
+
 def test_rollback_dag_success_and_noop_detection():
     text = rollback_success_text("demo", None, {"promote": {"version": "checkpoint-10", "previous": "checkpoint-20"},
                                                 "health": {"latency_s": 0.3, "tokens_per_s": 99.0}})
