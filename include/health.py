@@ -69,6 +69,18 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def require_listed(base_url: str, model_id: str, deadline: float) -> None:
+    """HealthError unless ``GET /v1/models`` answers before ``deadline`` (monotonic) and lists ``model_id``."""
+    try:
+        listing = _request(f"{base_url.rstrip('/')}/v1/models", body=None, timeout_s=deadline - time.monotonic())
+    except (OSError, ValueError, TypeError) as e:
+        raise _fail(base_url, f"GET /v1/models failed ({_describe(e)})",
+                    "check that the server is running and the URL (scheme, host, port) is right") from e
+    if model_id not in served_ids(listing):
+        raise _fail(base_url, f"model {model_id!r} is not listed by /v1/models (served: {served_ids(listing)!r})",
+                    "load the model (LM Studio: `lms load`) or check lmstudio.identifier")
+
+
 def check_endpoint(base_url: str, *, model_id: str, prompt: str, max_tokens: int = 16,
                    timeout_s: float = 60) -> dict[str, Any]:
     """Check that ``model_id`` is served at ``base_url`` and generates; HealthError naming what failed.
@@ -77,15 +89,7 @@ def check_endpoint(base_url: str, *, model_id: str, prompt: str, max_tokens: int
     """
     base = base_url.rstrip("/")
     deadline = time.monotonic() + timeout_s
-    try:
-        listing = _request(f"{base}/v1/models", body=None, timeout_s=deadline - time.monotonic())
-    except (OSError, ValueError, TypeError) as e:
-        raise _fail(base_url, f"GET /v1/models failed ({_describe(e)})",
-                    "check that the server is running and the URL (scheme, host, port) is right") from e
-    served = [str(item.get("id")) for item in listing.get("data", []) if isinstance(item, dict)]
-    if model_id not in served:
-        raise _fail(base_url, f"model {model_id!r} is not listed by /v1/models (served: {served!r})",
-                    "load the model into the server (LM Studio: `lms load`) or use one of the served ids")
+    require_listed(base_url, model_id, deadline)
     body = {"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": False}
     started = time.monotonic()
     try:
@@ -287,14 +291,7 @@ def check_chat(base_url: str, *, model_id: str, system_prompt: str, prompt: str,
     """
     base = base_url.rstrip("/")
     deadline = time.monotonic() + timeout_s
-    try:
-        listing = _request(f"{base}/v1/models", body=None, timeout_s=deadline - time.monotonic())
-    except (OSError, ValueError, TypeError) as e:
-        raise _fail(base_url, f"GET /v1/models failed ({_describe(e)})",
-                    "check that the server is running and the URL (scheme, host, port) is right") from e
-    if model_id not in served_ids(listing):
-        raise _fail(base_url, f"model {model_id!r} is not listed by /v1/models (served: {served_ids(listing)!r})",
-                    "load the model (LM Studio: `lms load`) or check lmstudio.identifier")
+    require_listed(base_url, model_id, deadline)
     body = chat_body(model_id, system_prompt=system_prompt, prompt=prompt, max_tokens=max_tokens)
     started = time.monotonic()
     try:
