@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ast
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,30 @@ def _fidelity(fidelity: dict[str, Any] | None) -> tuple[Any, Any] | tuple[None, 
 def _eval_text(config: Any) -> str | None:
     text = getattr(config, "eval_text", None)
     return text if isinstance(text, str) and text.strip() else None
+
+
+def cached_figures(artifact_root: str, model: str, inputs: dict[str, Any], compute: Callable[[], Any],
+                   force: bool = False) -> Any:
+    """``compute()``'s JSON result, kept in the artifact store (stage ``fidelity``) under ``inputs``.
+
+    The fidelity figures depend only on the files' sha256 and the gate's settings, so a retry or a re-run
+    answers from the store instead of evaluating the models again. A gate that fails raises before
+    anything is stored, so it fails again the next time.
+    """
+    store = ArtifactStore(artifact_root)
+    result = store.build(model, "fidelity", inputs, lambda tmp: {"figures": compute()}, force=force)
+    return result.manifest["figures"]
+
+
+def cached_perplexity(artifact_root: str, model: str, module: Any, gguf: dict[str, Any], text: str, n_ctx: int,
+                      force: bool = False) -> float:
+    """The perplexity of one GGUF (``path``, ``sha256``) on ``text``, computed once per file and text."""
+    import hashlib
+
+    inputs = {"check": "perplexity", "gguf": gguf["sha256"], "n_ctx": n_ctx,
+              "text": hashlib.sha256(text.encode()).hexdigest()}
+    return float(cached_figures(artifact_root, model, inputs,
+                                lambda: module.perplexity(Path(gguf["path"]), text, n_ctx=n_ctx), force))
 
 
 def _file_record(quant: str, result: StageResult, toolchain_version: str) -> dict[str, Any]:
@@ -142,7 +166,7 @@ class GGUFConvertOperator(BaseOperator):
             base_record = _file_record(outtype.upper(), base, toolchain.version)
             tokenizer = {**pre, **base.manifest.get("tokenizer_checks", {}),
                          "gguf_pre": base.manifest["gguf"]["metadata"].get("tokenizer.ggml.pre")}
-            fidelity = self._fidelity_gate(merged_dir, Path(base_record["path"]))
+            fidelity = self._fidelity_gate(merged_dir, base_record, force)
             imatrix_record = None
             if calibration is not None:
                 imatrix_record = self._imatrix(store, toolchain, base_record, calibration, force)
@@ -151,16 +175,21 @@ class GGUFConvertOperator(BaseOperator):
         context["ti"].xcom_push(key="quant_types", value=types)
         return result
 
-    def _fidelity_gate(self, merged_dir: Path, f16: Path) -> dict[str, Any] | None:
+    def _fidelity_gate(self, merged_dir: Path, base: dict[str, Any], force: bool) -> dict[str, Any] | None:
         module, config = _fidelity(self.fidelity)
         if module is None:
             return None
-        figures = module.compare_logits(merged_dir, f16, prompts=config.prompts, max_abs_diff=config.max_abs_diff,
-                                        max_kl=config.max_kl, mode=config.mode)
+        f16 = Path(base["path"])
+        figures = cached_figures(self.artifact_root, self.model, {
+            "check": "logits", "merged": self.merged["sha256"], "gguf": base["sha256"], "prompts": list(config.prompts),
+            "max_abs_diff": config.max_abs_diff, "max_kl": config.max_kl, "mode": config.mode,
+        }, lambda: module.compare_logits(merged_dir, f16, prompts=config.prompts, max_abs_diff=config.max_abs_diff,
+                                         max_kl=config.max_kl, mode=config.mode), force)
         self.log.info("fidelity (merged vs f16): %s", figures)
         text = _eval_text(config)
         if text is not None:
-            figures = {**figures, "perplexity_f16": module.perplexity(f16, text, n_ctx=config.n_ctx)}
+            figures = {**figures, "perplexity_f16": cached_perplexity(self.artifact_root, self.model, module, base,
+                                                                      text, config.n_ctx, force)}
         return figures
 
     def _imatrix(self, store: ArtifactStore, toolchain: LlamaCppToolchain, base: dict[str, Any],
@@ -290,19 +319,22 @@ class GGUFQuantizeOperator(BaseOperator):
             record = _file_record(quant, result, toolchain.version)
             self.log.info("%s: %.2f bits/weight, types %s", quant, record["bits_per_weight"],
                           record["weights_by_type"])
-            return {**record, **self._perplexity(quant, Path(record["path"]))}
+            return {**record, **self._perplexity(quant, Path(record["path"]), record["sha256"])}
 
-    def _perplexity(self, quant: str, path: Path) -> dict[str, Any]:
+    def _perplexity(self, quant: str, path: Path, sha256: str) -> dict[str, Any]:
         empty = {"perplexity": None, "perplexity_f16": None, "ppl_ratio": None}
         module, config = _fidelity(self.fidelity)
         text = _eval_text(config) if module is not None else None
         if module is None or text is None:
             return empty
         n_ctx = config.n_ctx
+        force = as_bool(self.force)
         ppl_f16 = (self.converted.get("fidelity") or {}).get("perplexity_f16")
         if ppl_f16 is None:
-            ppl_f16 = module.perplexity(Path(self.converted["base"]["path"]), text, n_ctx=n_ctx)
-        ppl = module.perplexity(path, text, n_ctx=n_ctx)
+            ppl_f16 = cached_perplexity(self.artifact_root, self.model, module, self.converted["base"], text, n_ctx,
+                                        force)
+        ppl = cached_perplexity(self.artifact_root, self.model, module, {"path": str(path), "sha256": sha256},
+                                text, n_ctx, force)
         checked = module.check_perplexity(quant, ppl, ppl_f16, max_ratio=module.max_ratio_for(config, quant),
                                           mode=config.mode)
         self.log.info("%s perplexity %.4f vs f16 %.4f (ratio %.4f)", quant, ppl, ppl_f16, checked["ratio"])

@@ -90,8 +90,15 @@ def test_deploy_end_to_end_then_rerun_reuses_everything(deployment, capfd):
         assert secret not in json.dumps(records)
         assert secret not in output.out + output.err
 
+    # The fidelity figures (logits, f16 and per-quant perplexity) are kept in the store, keyed by file hashes.
+    fidelity = sorted((deployment["tmp"] / "artifacts" / "e2e" / "fidelity").glob("*/manifest.json"))
+    assert len(fidelity) == 4
+    stamps = [p.stat().st_mtime_ns for p in fidelity]
+
     state, again = run_deploy("deploy_e2e")
     assert state == "success"
+    assert [p.stat().st_mtime_ns for p in fidelity] == stamps, "the second run evaluated the models again"
+    assert again["convert"]["xcom"]["fidelity"] == convert["fidelity"]
     assert again["download"]["xcom"]["reused"]
     assert again["merge"]["xcom"]["reused"], "the second run merged again"
     assert again["convert"]["xcom"]["base"]["reused"], "the second run converted again"
