@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,8 @@ from operators.download import dated_selection
 
 # Runs that nobody started by hand: when their adapter is already deployed they end at once.
 UNATTENDED_RUN_TYPES = ("scheduled", "backfill", "asset_triggered")
+# Ledger statuses of a version that was deployed (a failed or pruned one may be deployed again).
+DEPLOYED_STATUSES = ("current", "installed", "retired")
 
 
 class DeployPlanOperator(BaseOperator, SkipMixin):
@@ -189,17 +190,16 @@ class DeployPlanOperator(BaseOperator, SkipMixin):
 
     def _ledger(self) -> tuple[str | None, set[str]]:
         """(current version, versions deployed before) from the model's deployments ledger, if any."""
-        path = Path(self.artifact_root) / self.model / "deployments.json"
+        from include.errors import InstallError
+        from include.ledger import read_ledger
+
         try:
-            ledger = json.loads(path.read_text())
-        except FileNotFoundError:
+            ledger = read_ledger(self.artifact_root, self.model)
+        except InstallError as err:
+            self.log.warning("%s: treating nothing as deployed", err)
             return None, set()
-        except (OSError, ValueError) as err:
-            self.log.warning("cannot read the deployments ledger %s (%s): treating nothing as deployed", path, err)
-            return None, set()
-        versions = ledger.get("versions") or {}
-        deployed = {v for v, item in versions.items() if item.get("status") in ("current", "installed", "retired")}
-        return ledger.get("current"), deployed
+        deployed = {v for v, item in ledger["versions"].items() if item.get("status") in DEPLOYED_STATUSES}
+        return ledger["current"], deployed
 
     def _tasks_to_skip(self, plan: DeployPlan, context: Context) -> list[Any]:
         task = context["task"]

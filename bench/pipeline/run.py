@@ -37,7 +37,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "merge")]
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
-CACHE = Path(os.environ.get("LORA_DEPLOY_CACHE", Path.home() / ".cache" / "lora-deploy")) / "bench"
 QUANTS = ["Q4_K_M", "Q5_K_M", "Q8_0"]
 CHAIN = ["plan", "download", "merge", "convert", "quant_types", "quantize", "ggufs", "install", "smoke", "promote",
          "health"]
@@ -78,35 +77,20 @@ class RssSampler:
 
 
 def prepare(size: str, work: Path) -> tuple[Path, Path]:
-    """(base dir with a tokenizer, training box dir holding checkpoint-100)."""
-    from include.tiny_model import make_base_model, make_lora_adapter
+    """(base dir with a tokenizer, training box dir holding checkpoint-100): bench/gguf's model and LoRA."""
+    import importlib.util
 
-    tiny = CACHE / "gguf-tiny"
-    if not (tiny / "config.json").is_file():
-        make_base_model(tiny)
+    spec = importlib.util.spec_from_file_location("bench_gguf_run", ROOT / "bench" / "gguf" / "run.py")
+    assert spec and spec.loader
+    bench_gguf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gguf)
+    base, adapter = bench_gguf.bench_model(quick=size == "tiny")
     box = work / "box"
-    if size == "tiny":
-        base = tiny
-        make_lora_adapter(tiny, box / "checkpoint-100", seed=5)
-        return base, box
-    from models import make
-
-    weights, adapter = make(size)
-    base = CACHE / f"pipeline-{size}"
-    if not (base / "config.json").is_file():
-        tmp = CACHE / f".pipeline-{size}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for file in weights.iterdir():
-            (tmp / file.name).symlink_to(file)
-        for name in ("tokenizer.model", "tokenizer_config.json"):
-            shutil.copyfile(tiny / name, tmp / name)
-        tmp.rename(base)
     checkpoint = box / "checkpoint-100"
     checkpoint.mkdir(parents=True)
     shutil.copyfile(adapter / "adapter_model.safetensors", checkpoint / "adapter_model.safetensors")
     config = json.loads((adapter / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(base)
+    config["base_model_name_or_path"] = str(base)  # the bench base is assembled elsewhere than the LoRA's
     (checkpoint / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return base, box
 
