@@ -195,6 +195,7 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
         quantize = GGUFQuantizeOperator.partial(
             task_id="quantize", model=model.name, converted=convert.output, artifact_root=root,
             settings=quantize_settings, fidelity=fidelity, force=force, map_index_template="{{ task.quant_type }}",
+            max_active_tis_per_dagrun=model.quantize.max_parallel,
             **toolchain, **stage_args(model, "quantize"), **heavy_args(model),
         ).expand(quant_type=quant_types_of(convert, **stage_args(model, "quantize")))
         ggufs = GGUFCollectOperator(task_id="ggufs", model=model.name, converted=convert.output,

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from include.errors import ConfigError
 from include.expand import expand_env, expand_path
+from include.pools import PoolSettings, check_heavy_pool
 
 # libyaml's safe loader parses a 500-model file ~10x faster than the pure-Python one (same semantics).
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -145,6 +146,9 @@ class QuantizeSettings(_Strict):
     split_max_size: str | None = Field(None, pattern=r"^[0-9]+[MG]$", description="split GGUFs, e.g. '2G'")
     use_temp_file: bool = Field(False, description="converter --use-temp-file (less RAM for large models)")
     check_tokenizer: bool = Field(True, description="compare llama.cpp and HF tokenization after conversion")
+    max_parallel: int | None = Field(
+        1, ge=1, description="quantize tasks of one run at once (llama-quantize already uses every core of its "
+                             "machine: on one machine, 1 is fastest); None: no limit (spread over Celery workers)")
 
     @field_validator("output_tensor_type", "token_embedding_type")
     @classmethod
@@ -403,6 +407,8 @@ class Settings(_Strict):
     artifact_root: str = "${AIRFLOW_HOME:-~/airflow}/lora-deploy/artifacts"
     llama_cpp_dir: str | None = Field(None, description="a llama.cpp checkout to use instead of the pinned one")
     llama_cpp_bin_dir: str | None = Field(None, description="a dir with llama-quantize/llama-imatrix to use instead")
+    pools: dict[str, PoolSettings] = Field(default_factory=dict,
+                                           description="Airflow pools to create/resize (lora-deploy-trigger pools)")
 
     @field_validator("artifact_root", "llama_cpp_dir", "llama_cpp_bin_dir")
     @classmethod
@@ -438,7 +444,9 @@ def load_config(path: Path | None = None) -> LoadedConfig:
     loaded = LoadedConfig(path=path, settings=settings)
     for name, entry in raw["models"].items():
         try:
-            loaded.models[str(name)] = validate_model(str(name), entry, defaults)
+            model = validate_model(str(name), entry, defaults)
+            check_heavy_pool(model.name, model.workers.heavy_pool, model.workers.heavy_pool_slots, settings.pools)
+            loaded.models[str(name)] = model
         except ConfigError as err:
             loaded.errors[str(name)] = err
     return loaded

@@ -116,16 +116,29 @@ def _llama_tokens(gguf_path: Path, text: str, vocab: Any) -> list[int]:
     return list(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
 
-def compare_tokenization(gguf_path: Path, model_dir: Path, texts: Sequence[str] = CHECK_TEXTS) -> dict[str, Any]:
-    """Tokenize ``texts`` with llama.cpp (the GGUF's vocab) and the HF tokenizer; GGUFError on any difference."""
+def hf_tokenization(model_dir: Path, texts: Sequence[str] = CHECK_TEXTS) -> list[list[int]]:
+    """The HF tokenizer's ids of each text (no special tokens): the reference side of the comparison.
+
+    It needs only the model directory, so it can run while the converter writes the GGUF.
+    """
+    hf = _hf_tokenizer(model_dir)
+    return [list(hf.encode(text, add_special_tokens=False)) for text in texts]
+
+
+def compare_tokenization(gguf_path: Path, model_dir: Path, texts: Sequence[str] = CHECK_TEXTS,
+                         reference: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+    """Tokenize ``texts`` with llama.cpp (the GGUF's vocab) and the HF tokenizer; GGUFError on any difference.
+
+    ``reference`` is :func:`hf_tokenization` of the same texts when already computed.
+    """
     from llama_cpp import Llama
 
-    hf = _hf_tokenizer(model_dir)
+    theirs_all = list(reference) if reference is not None else hf_tokenization(model_dir, texts)
     vocab = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     try:
-        for text in texts:
+        for text, theirs in zip(texts, theirs_all, strict=True):
             ours = _llama_tokens(gguf_path, text, vocab)
-            theirs = list(hf.encode(text, add_special_tokens=False))
+            theirs = list(theirs)
             if ours != theirs:
                 at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
                           min(len(ours), len(theirs)))
@@ -138,8 +151,7 @@ def compare_tokenization(gguf_path: Path, model_dir: Path, texts: Sequence[str] 
                 )
     finally:
         vocab.close() if hasattr(vocab, "close") else None
-    return {"texts": len(texts), "tokens": sum(len(hf.encode(t, add_special_tokens=False)) for t in texts),
-            "equal": True}
+    return {"texts": len(texts), "tokens": sum(len(t) for t in theirs_all), "equal": True}
 
 
 def source_chat_template(model_dir: Path) -> str | None:

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from include.errors import LoraDeployError
@@ -114,6 +115,15 @@ class AirflowClient:
                                                        "values named above")
         return TriggerError(what, model=model, fix="see the api-server's log")
 
+    def pool(self, name: str) -> dict[str, Any] | None:
+        """The pool's record, or None when the installation has no pool of that name."""
+        try:
+            return self.call("GET", f"/pools/{urllib.parse.quote(name, safe='')}")
+        except TriggerError as error:
+            if "HTTP 404" in error.detail:
+                return None
+            raise
+
     def trigger_run(self, model: str, conf: dict[str, Any], now: bool = False) -> dict[str, Any]:
         """Create a dagRun of the model's deploy DAG; returns the dagRun record (``dag_run_id``, ``state``)."""
         dag_id = dag_id_for(model)
@@ -199,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--force", action="store_true", help="conf force: deploy even if already deployed")
             command.add_argument("--promote", action="store_true",
                                  help="conf promote: make this version current even if a newer one is")
+    pools = sub.add_parser("pools", help="create or resize the pools of settings.pools (the heavy stages' budget)")
+    pools.add_argument("--config", help="config file (default: $LORA_DEPLOY_CONFIG or config/models.yaml)")
     return parser
 
 
@@ -225,11 +237,25 @@ def _payload(args: argparse.Namespace) -> dict[str, Any]:
     return payload
 
 
+def _apply_pools(client: AirflowClient, config: str | None) -> int:
+    from include.config import load_config
+    from include.pools import apply_pools_rest
+
+    pools = load_config(Path(config) if config else None).settings.pools
+    if not pools:
+        print("settings.pools is empty: nothing to apply", file=sys.stderr)
+    for line in apply_pools_rest(client, pools):
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: prints the dag_run_id / asset event id; 0 on success, 1 on a failed run, 2 on errors."""
     args = _parser().parse_args(argv)
     try:
         client = _client(args)
+        if args.mode == "pools":
+            return _apply_pools(client, args.config)
         if args.mode == "run":
             run = client.trigger_run(args.model, _payload(args), now=args.now)
             run_id = run["dag_run_id"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -150,16 +151,22 @@ class GGUFConvertOperator(BaseOperator):
                                     outtype=outtype, imatrix=calibration is not None)
 
             def convert(tmp: Path) -> dict[str, Any]:
-                summary = gguf.convert_to_gguf(
-                    merged_dir, tmp / f"{self.model}-{outtype.upper()}.gguf", toolchain=toolchain, outtype=outtype,
-                    metadata=metadata, pre_tokenizer=pre["name"] if pre["mapped"] else None,
-                    use_temp_file=bool(self.settings.get("use_temp_file")),
-                    split_max_size=self.settings.get("split_max_size"))
-                checks: dict[str, Any] = {"chat_template": tokenizer_check.check_chat_template(summary.metadata,
-                                                                                               merged_dir)}
-                if self.settings.get("check_tokenizer", True):
-                    checks["comparison"] = tokenizer_check.compare_tokenization(summary.path, merged_dir)
-                    self.log.info("tokenizer comparison: %s", checks["comparison"])
+                check_tokens = self.settings.get("check_tokenizer", True)
+                # The HF side of the token comparison (transformers import, tokenizer load) needs only the
+                # merged dir: it runs on this process's thread while the converter subprocess writes the GGUF.
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-tokens") as pool:
+                    reference = pool.submit(tokenizer_check.hf_tokenization, merged_dir) if check_tokens else None
+                    summary = gguf.convert_to_gguf(
+                        merged_dir, tmp / f"{self.model}-{outtype.upper()}.gguf", toolchain=toolchain,
+                        outtype=outtype, metadata=metadata, pre_tokenizer=pre["name"] if pre["mapped"] else None,
+                        use_temp_file=bool(self.settings.get("use_temp_file")),
+                        split_max_size=self.settings.get("split_max_size"))
+                    checks: dict[str, Any] = {"chat_template": tokenizer_check.check_chat_template(summary.metadata,
+                                                                                                   merged_dir)}
+                    if reference is not None:
+                        checks["comparison"] = tokenizer_check.compare_tokenization(
+                            summary.path, merged_dir, reference=reference.result())
+                        self.log.info("tokenizer comparison: %s", checks["comparison"])
                 return {"gguf": summary.as_record(), "tokenizer_checks": checks}
 
             base = store.build(self.model, "gguf", inputs, convert, force=force)

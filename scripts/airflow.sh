@@ -12,6 +12,8 @@ export LORA_DEPLOY_CONFIG="${LORA_DEPLOY_CONFIG:-$ROOT/config/models.yaml}"
 export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/dags"
 export AIRFLOW__CORE__PLUGINS_FOLDER="$ROOT/plugins"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
+# Start a deploy's next task within ~0.1 s of the previous one ending (Airflow's default idle loop sleeps 1 s).
+export AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME="${AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME:-0.1}"
 export AIRFLOW__API__PORT="${AIRFLOW_PORT:-8080}"
 export AIRFLOW__API__BASE_URL="http://127.0.0.1:${AIRFLOW_PORT:-8080}"
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://127.0.0.1:${AIRFLOW_PORT:-8080}/execution/"
@@ -19,4 +21,6 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$VENV/bin:$PATH"   # standalone starts each component as `airflow <component>`
 "$VENV/bin/python" -c "from include.demo import prepare_demo; from pathlib import Path; import os; \
 prepare_demo(Path(os.environ['LORA_DEPLOY_HOME']))"
+"$VENV/bin/airflow" db migrate >/dev/null
+"$VENV/bin/python" -m include.pools   # settings.pools of the config (nothing when it declares none)
 exec "$VENV/bin/airflow" standalone

@@ -67,11 +67,16 @@ def test_quantize_is_mapped_per_type_and_heavy_stages_share_a_queue_and_pool(mon
 
     raw = yaml.safe_load(text)
     raw["models"]["majora"]["workers"] = {"heavy_queue": "gpu", "heavy_pool": "heavy", "heavy_pool_slots": 2}
+    raw["models"]["majora"].setdefault("quantize", {})["max_parallel"] = None
     config.write_text(yaml.safe_dump(raw))
     bag = load_bag(monkeypatch, config)
     dag = bag.dags["deploy_majora"]
     quantize = dag.get_task("quantize")
     assert type(quantize).__name__ == "MappedOperator"
+    assert quantize.max_active_tis_per_dagrun is None  # quantize.max_parallel: null -> all types at once
+    # By default one quantize at a time per run: llama-quantize already uses every core.
+    assert load_bag(monkeypatch, ROOT / "config" / "models.example.yaml").dags["deploy_majora"].get_task(
+        "quantize").max_active_tis_per_dagrun == 1
     for task_id in ("merge", "convert", "quantize"):
         task = dag.get_task(task_id)
         assert (task.queue, task.pool, task.pool_slots) == ("gpu", "heavy", 2), task_id

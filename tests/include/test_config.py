@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from include.config import load_config, validate_model
 from include.errors import ConfigError
@@ -72,3 +73,17 @@ def test_file_level_errors(tmp_path, text, message):
 def test_missing_file_says_how_to_create_it(tmp_path):
     with pytest.raises(ConfigError, match="LORA_DEPLOY_CONFIG"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_heavy_pool_slots_must_fit_the_declared_pool(tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump({
+        "settings": {"pools": {"heavy": {"slots": 2000}}},
+        "models": {name: {"base_model": "/m", "source": {"kind": "local", "path": "/box"},
+                          "workers": {"heavy_pool": "heavy", "heavy_pool_slots": slots}}
+                   for name, slots in (("fits", 2000), ("toobig", 3000))}}))
+    loaded = load_config(path)
+    assert set(loaded.models) == {"fits"} and loaded.settings.pools["heavy"].slots == 2000
+    message = str(loaded.errors["toobig"])
+    assert "models.toobig.workers.heavy_pool_slots" in message and "settings.pools.heavy.slots" in message
+    assert "never be scheduled" in message and "at most 2000" in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,16 @@ def test_sentencepiece_model_needs_no_hash_and_tokens_match(gguf_root: Path) -> 
     assert tc.check_pre_tokenizer(base, pinned_toolchain().source_dir, None)["kind"] == "sentencepiece"
     assert tc.compare_tokenization(path, base)["equal"]
     assert tc.check_chat_template(inspect_gguf(path).metadata, base) is False  # it has none
+
+
+def test_precomputed_reference_is_what_gets_compared(gguf_root: Path) -> None:
+    """The convert task computes the HF side while converting; the comparison uses exactly those ids."""
+    path, base = tiny_gguf(gguf_root, "f16"), gguf_root / "tiny-base"
+    reference = tc.hf_tokenization(base)
+    assert tc.compare_tokenization(path, base, reference=reference)["tokens"] == sum(map(len, reference))
+    reference[2] = reference[2][:-1]
+    with pytest.raises(GGUFError, match=re.escape(f"tokenizes {tc.CHECK_TEXTS[2]!r} differently")):
+        tc.compare_tokenization(path, base, reference=reference)
 
 
 def test_missing_chat_template_is_reported(bpe_root: Path) -> None:

@@ -1,0 +1,113 @@
+"""Memory of running Airflow tasks, sampled from outside: per task instance and for the machine's Airflow.
+
+A LocalExecutor task runs in a process titled ``airflow worker -- <task instance id>``; its RSS plus its
+children's (the converter, ``llama-quantize``, a llama.cpp server) is that task's memory. The sampler
+keeps every sample, so a caller can ask afterwards for the peak of any group of task instances (the
+heavy ones, known from the REST API once the runs end) and for the peak of all Airflow processes.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+TASK_TITLE = re.compile(r"airflow worker -- ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+
+
+@dataclass
+class Sample:
+    """One moment: seconds since start, RSS (bytes) per task instance id, RSS of every sampled process."""
+
+    at_s: float
+    tasks: dict[str, int]
+    total: int
+
+
+@dataclass
+class TaskRssSampler:
+    """Samples the process trees under ``roots`` every ``interval_s`` in a thread (use as a context manager)."""
+
+    roots: list[int]
+    interval_s: float = 0.1
+    samples: list[Sample] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="task-rss")
+        self._started = 0.0
+
+    def __enter__(self) -> TaskRssSampler:
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.samples.append(self.sample())
+
+    def sample(self) -> Sample:
+        """RSS now: per task instance (its process and descendants) and in total."""
+        rss: dict[int, int] = {}
+        titles: dict[int, str] = {}
+        children: dict[int, list[int]] = {}
+        for root in self.roots:
+            try:
+                procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+            except psutil.Error:
+                continue
+            for proc in procs:
+                try:
+                    rss[proc.pid] = proc.memory_info().rss
+                    titles[proc.pid] = " ".join(proc.cmdline())
+                    children.setdefault(proc.ppid(), []).append(proc.pid)
+                except psutil.Error:
+                    continue
+        tasks: dict[str, int] = {}
+        for pid, title in titles.items():
+            match = TASK_TITLE.search(title)
+            if match:
+                tasks[match.group(1)] = tasks.get(match.group(1), 0) + _tree_rss(pid, rss, children)
+        return Sample(time.monotonic() - self._started, tasks, sum(rss.values()))
+
+    def peak_of(self, ti_ids: set[str]) -> int:
+        """The largest sum, over one sample, of the RSS of the task instances in ``ti_ids`` (bytes)."""
+        return max((sum(v for k, v in s.tasks.items() if k in ti_ids) for s in self.samples), default=0)
+
+    def peak_per_task(self) -> dict[str, int]:
+        """Each task instance's own peak (bytes)."""
+        peaks: dict[str, int] = {}
+        for sample in self.samples:
+            for ti_id, value in sample.tasks.items():
+                peaks[ti_id] = max(peaks.get(ti_id, 0), value)
+        return peaks
+
+    def peak_total(self) -> int:
+        """The largest RSS of all sampled processes together (bytes)."""
+        return max((s.total for s in self.samples), default=0)
+
+
+def _tree_rss(pid: int, rss: dict[int, int], children: dict[int, list[int]]) -> int:
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        total += rss.get(current, 0)
+        stack.extend(children.get(current, []))
+    return total
+
+
+def max_concurrent(intervals: list[tuple[float, float]]) -> int:
+    """The largest number of ``(start, end)`` intervals open at one moment."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
+    best = current = 0
+    for _, step in events:
+        current += step
+        best = max(best, current)
+    return best
