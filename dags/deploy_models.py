@@ -119,10 +119,14 @@ def _preset_timetable(preset: str) -> CronTriggerTimetable:
     return CronTriggerTimetable(crons[preset], timezone="UTC")
 
 
-def heavy_args(model: ModelConfig) -> dict[str, Any]:
-    """Queue and pool of the heavy stages (merge, convert, quantize) from ``workers``."""
+def heavy_args(model: ModelConfig, *, queue: bool = True) -> dict[str, Any]:
+    """Queue and pool of the heavy stages (merge, convert, quantize) from ``workers``.
+
+    ``queue=False`` gives the pool alone: the smoke check loads the model into a llama.cpp server (memory
+    like a heavy stage) but must run where the LM Studio models dir is.
+    """
     args: dict[str, Any] = {}
-    if model.workers.heavy_queue:
+    if queue and model.workers.heavy_queue:
         args["queue"] = model.workers.heavy_queue
     if model.workers.heavy_pool:
         args["pool"] = model.workers.heavy_pool
@@ -159,7 +163,8 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
         source = model.source
         plan = DeployPlanOperator(
             task_id="plan", model=model.name, artifact_root=root, source=source.model_dump(mode="json"),
-            base_model=model.base_model, merge_dtype=model.merge.dtype, outtype=model.quantize.outtype,
+            base_model=model.base_model, outtype=model.quantize.outtype,
+            merge_dtype="fused" if model.merge.backend == "fused" else model.merge.dtype,
             lmstudio_dir=model.lmstudio.models_dir, hf=hf, slack_conn_id=model.notify.slack_conn_id,
             target_tasks={"lmstudio": LMSTUDIO_TASKS, "huggingface": HF_TASKS},
             adapter_version="{{ params.adapter_version or '' }}", instance_id="{{ params.instance_id or '' }}",
@@ -206,7 +211,7 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
         )
         smoke = HealthCheckSensor(
             task_id="smoke", model=model.name, installed=install.output, phase="smoke", settings=health_settings,
-            artifact_root=root, **stage_args(model, "health"),
+            artifact_root=root, **stage_args(model, "health"), **heavy_args(model, queue=False),
         )
         promote = LMStudioPromoteOperator(
             task_id="promote", model=model.name, installed=install.output, artifact_root=root, settings=lmstudio,

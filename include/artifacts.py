@@ -107,7 +107,8 @@ class ArtifactStore:
 
         ``produce`` writes files into the empty directory it is given and may return extra manifest fields.
         With ``force`` an existing output is rebuilt (and replaced only once the new one is complete).
-        ``known_sha256`` (relative name -> sha256) spares re-reading files the caller has just verified.
+        ``known_sha256`` (relative name -> sha256) spares re-reading files the caller has just verified; it is
+        read after ``produce`` returns, so ``produce`` may fill it with the hashes of the files it wrote.
         """
         key = self.key_of(inputs)
         if not force and (found := self.lookup(model, stage, key)):

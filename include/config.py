@@ -106,11 +106,19 @@ def _remote_dir(value: str) -> str:
 class MergeSettings(_Strict):
     """How the adapter is merged into the base model."""
 
-    backend: Literal["streaming", "peft", "unsloth", "auto"] = Field(
-        "streaming", description="streaming: exact, constant memory (default); peft: reference, whole model in RAM; "
-        "unsloth: CUDA only; auto: streaming, or peft for adapter features streaming does not merge")
+    backend: Literal["streaming", "fused", "peft", "unsloth", "auto"] = Field(
+        "streaming", description="streaming: exact, constant memory (default); fused: the streaming merge done "
+        "inside the GGUF conversion, no merged model written (same GGUF, faster); peft: reference, whole model "
+        "in RAM; unsloth: CUDA only; auto: streaming, or peft for adapter features streaming does not merge")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_shard_mb: int = Field(2048, gt=0)
+
+    @model_validator(mode="after")
+    def _fused_keeps_dtype(self) -> MergeSettings:
+        if self.backend == "fused" and self.dtype != "auto":
+            raise ValueError(f"merge.backend fused keeps the base model's dtype, so merge.dtype must be 'auto' "
+                             f"(got {self.dtype!r}); the GGUF's type is quantize.outtype")
+        return self
 
 
 class ImatrixSettings(_Strict):

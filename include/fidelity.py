@@ -122,14 +122,21 @@ def _log_softmax(rows: Any) -> Any:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _hf_logits(merged_dir: Path, prompts: Sequence[str]) -> tuple[list[list[int]], list[Any]]:
-    """Token ids (HF tokenizer, with its special tokens) and float64 logits of each prompt."""
+def _hf_logits(merged_dir: Path, prompts: Sequence[str], fused_adapter: Path | None = None
+               ) -> tuple[list[list[int]], list[Any]]:
+    """Token ids (HF tokenizer, with its special tokens) and float64 logits of each prompt.
+
+    With ``fused_adapter``, ``merged_dir`` is the base model and the adapter's edited tensors are set to their
+    merged values (:func:`include.fused_convert.merged_tensor`, what the fused conversion wrote) after loading.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     model.eval()
+    if fused_adapter is not None:
+        _apply_merge(model, merged_dir, fused_adapter)
     ids, logits = [], []
     try:
         with torch.inference_mode():
@@ -144,19 +151,35 @@ def _hf_logits(merged_dir: Path, prompts: Sequence[str]) -> tuple[list[list[int]
     return ids, logits
 
 
+def _apply_merge(model: Any, base_dir: Path, adapter_dir: Path) -> None:
+    import torch
+
+    from include.fused_convert import check_fusable, merged_tensor
+
+    adapter, base = check_fusable(base_dir, adapter_dir)
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, edit in adapter.edits.items():
+            if key not in state:
+                raise GGUFError(f"the HF model of {str(base_dir)!r} has no tensor {key!r} the adapter edits",
+                                fix="use merge.backend: streaming")
+            state[key].copy_(merged_tensor(base[key], edit).to(state[key].dtype))
+
+
 def compare_logits(merged_dir: Path, gguf_path: Path, *, prompts: Sequence[str], max_abs_diff: float,
-                   max_kl: float, mode: str = "fail") -> dict:
+                   max_kl: float, mode: str = "fail", fused_adapter: Path | None = None) -> dict:
     """Compare the merged HF model's logits with the GGUF's on ``prompts``; GGUFError when over a threshold.
 
     Returns ``{"max_abs_diff", "mean_kl", "max_kl", "prompts", "tokens", "passed", "worst_prompt"}``.
     With ``mode="warn"`` a failure is logged and returned with ``passed: False`` instead of raised.
+    ``fused_adapter``: ``merged_dir`` is the base and this adapter is merged in memory (merge.backend fused).
     """
     import numpy as np
 
     merged_dir, gguf_path = Path(merged_dir), Path(gguf_path)
     if not prompts:
         raise GGUFError("no fidelity prompts to compare", fix="set fidelity.prompts to a list of texts")
-    ids, hf_logits = _hf_logits(merged_dir, prompts)
+    ids, hf_logits = _hf_logits(merged_dir, prompts, fused_adapter)
     n_ctx = max(16, max(len(t) for t in ids))
     kls: list[float] = []
     per_prompt: list[dict[str, Any]] = []

@@ -14,6 +14,7 @@ Every output is written to a temp name in the target directory and renamed into 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import logging
@@ -70,6 +71,8 @@ _CONVERTER_HINTS = (
     ("is not supported", "this llama.cpp does not know the model architecture: pin a newer llama.cpp"),
     ("No module named", ("a converter dependency is missing: install llama.cpp's requirements "
                          "(requirements/requirements-convert_hf_to_gguf.txt) into the converter's interpreter")),
+    ("merge.backend: streaming", "the adapter cannot be merged inside the conversion (see the error above): set "
+                                 "merge.backend: streaming to merge first, then convert"),
     ("MemoryError", "not enough RAM: free memory or convert on a larger worker"),
     ("No space left on device", "the disk is full: free space in the output directory"),
 )
@@ -230,6 +233,7 @@ def convert_to_gguf(
     pre_tokenizer: str | None = None,
     use_temp_file: bool = False,
     split_max_size: str | None = None,
+    fused_adapter: Path | None = None,
 ) -> GGUFSummary:
     """Convert a Hugging Face model directory to one GGUF file with the pinned llama.cpp converter.
 
@@ -238,7 +242,9 @@ def convert_to_gguf(
     converter through :mod:`include.tokenizer_check`'s wrapper, which answers an unknown BPE pre-tokenizer
     hash with that name; ``use_temp_file`` is the converter's ``--use-temp-file`` (less RAM);
     ``split_max_size`` (e.g. ``"2G"``) writes shards ``<stem>-0000i-of-0000N.gguf`` (the summary's ``path``
-    is the first shard, ``shards`` lists them all).
+    is the first shard, ``shards`` lists them all). ``fused_adapter``: ``merged_dir`` is the *base* model and
+    this LoRA adapter is merged into it inside the converter's stream (:mod:`include.fused_convert`): the
+    same GGUF as merging first, without writing the merged model.
     """
     merged_dir = Path(merged_dir)
     out_path = Path(out_path)
@@ -263,7 +269,13 @@ def convert_to_gguf(
             args.append("--use-temp-file")
         if split_max_size:
             args += ["--split-max-size", split_max_size]
-        if pre_tokenizer:
+        if fused_adapter is not None:
+            env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
+            env["OPENBLAS_NUM_THREADS"] = "1"  # the r-wide products are tiny: BLAS threads would only spin
+            cmd = [python, "-m", "include.fused_convert", "--base", str(merged_dir), "--adapter", str(fused_adapter),
+                   "--converter", str(toolchain.converter), *(["--pre", pre_tokenizer] if pre_tokenizer else []),
+                   "--", *args[1:]]
+        elif pre_tokenizer:
             env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(PROJECT_ROOT)])
             cmd = [python, "-m", "include.tokenizer_check", "convert", "--pre", pre_tokenizer,
                    "--converter", str(toolchain.converter), "--", *args]
@@ -288,7 +300,8 @@ def convert_to_gguf(
 
 
 def _final_summary(path: Path, staged: GGUFSummary) -> GGUFSummary:
-    final = inspect_split(path)
+    # The staged file was hashed when it was validated; a rename does not change bytes, so it is not read again.
+    final = dataclasses.replace(inspect_split(path, with_sha256=False), sha256=staged.sha256)
     log.info("wrote %s: %d bytes, %d tensors, %.2f bits/weight, types %s", path, final.bytes, final.tensor_count,
              final.bits_per_weight, final.fractions())
     if final.tensor_count != staged.tensor_count:  # pragma: no cover - renaming cannot change the content

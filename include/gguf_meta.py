@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def gguf_metadata(model: str, merged: dict[str, Any], adapter: dict[str, Any],
                   toolchain_version: str) -> dict[str, Any]:
-    """The converter's ``--metadata`` overrides: name, version, base model, adapter version, toolchain."""
+    """The converter's ``--metadata`` overrides: name, fine-tune, version, base model, adapter version, toolchain."""
     version = str(merged.get("adapter_version") or adapter.get("version") or "")
     base = merged.get("base_model") or adapter.get("base_model")
     if not base:
@@ -31,6 +31,9 @@ def gguf_metadata(model: str, merged: dict[str, Any], adapter: dict[str, Any],
             base = None
     meta: dict[str, Any] = {
         "general.name": model,
+        # Set, not guessed: the converter would otherwise read a fine-tune name out of the model directory's
+        # name (the merge stage's store key), which differs between a merged dir and a fused conversion.
+        "general.finetune": model,
         "general.version": version,
         "general.quantized_by": f"lora-deploy with {toolchain_version}",
         "general.description": f"{model}: LoRA adapter {version or '?'} merged into {base or '?'}; "

@@ -288,14 +288,17 @@ def split_shards(first: Path) -> list[Path]:
     return [first.with_name(f"{match.group('stem')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
-def inspect_split(first: Path) -> GGUFSummary:
-    """Summarise a split GGUF as one model: weights and types over all shards, real bits per weight, shards."""
+def inspect_split(first: Path, *, with_sha256: bool = True) -> GGUFSummary:
+    """Summarise a split GGUF as one model: weights and types over all shards, real bits per weight, shards.
+
+    ``sha256`` is the first shard's (the whole file's when not split); ``with_sha256=False`` leaves it empty.
+    """
     paths = split_shards(first)
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise GGUFError(f"split GGUF {str(first)!r} is incomplete: missing {missing}",
                         fix="re-create the split output; keep all shards in one directory")
-    parts = [inspect_gguf(p) for p in paths]
+    parts = [inspect_gguf(p, with_sha256=with_sha256) for p in paths]
     if len(parts) == 1:
         return parts[0]
     by_type: dict[str, int] = {}

@@ -109,8 +109,15 @@ def count_parameters(model_dir: Path) -> tuple[int, int]:
 
 def estimate_outputs(parameters: int, base_bytes: int, merge_dtype: str, outtype: str,
                      quant_types: list[str]) -> list[dict[str, Any]]:
-    """The files the run produces with their estimated sizes: merged model, full-precision GGUF, quants."""
-    merged = parameters * _DTYPE_BYTES[merge_dtype] if merge_dtype in _DTYPE_BYTES else base_bytes
+    """The files the run produces with their estimated sizes: merged model, full-precision GGUF, quants.
+
+    ``merge_dtype="fused"`` (``merge.backend: fused``): the merge happens inside the conversion, nothing merged
+    is written.
+    """
+    if merge_dtype == "fused":
+        merged = 0
+    else:
+        merged = parameters * _DTYPE_BYTES[merge_dtype] if merge_dtype in _DTYPE_BYTES else base_bytes
     outputs = [{"name": "merged", "bytes": merged},
                {"name": outtype.upper(), "bytes": int(parameters * approx_bits_per_weight(outtype) / 8)}]
     for quant in quant_types:

@@ -178,9 +178,8 @@ def check_chat_template(metadata: dict[str, Any], model_dir: Path) -> bool:
     return True
 
 
-def _run_converter(converter: Path, pre: str, argv: list[str]) -> None:
-    """Run ``converter`` as ``__main__`` with an unknown pre-tokenizer hash answered by ``pre``."""
-    sys.path.insert(0, str(converter.parent))
+def map_unknown_pre_tokenizer(pre: str) -> None:
+    """Patch the (importable) converter so an unknown BPE pre-tokenizer hash is answered with ``pre``."""
     import conversion.base as base  # the converter's own module (found through its directory)
 
     original = base.TextModel.get_vocab_base_pre
@@ -194,6 +193,12 @@ def _run_converter(converter: Path, pre: str, argv: list[str]) -> None:
             return pre
 
     base.TextModel.get_vocab_base_pre = mapped
+
+
+def _run_converter(converter: Path, pre: str, argv: list[str]) -> None:
+    """Run ``converter`` as ``__main__`` with an unknown pre-tokenizer hash answered by ``pre``."""
+    sys.path.insert(0, str(converter.parent))
+    map_unknown_pre_tokenizer(pre)
     sys.argv = [str(converter), *argv]
     runpy.run_path(str(converter), run_name="__main__")
 

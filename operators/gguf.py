@@ -135,7 +135,8 @@ class GGUFConvertOperator(BaseOperator):
             toolchain = _toolchain(self.llama_cpp_dir, self.llama_cpp_bin_dir)
             store = ArtifactStore(self.artifact_root)
             force = as_bool(self.force)
-            merged_dir = Path(self.merged["path"])
+            merged_dir = Path(self.merged["path"])  # the base model when the merge is fused into the conversion
+            fused_adapter = Path(self.merged["fused_adapter"]) if self.merged.get("fused_adapter") else None
             outtype = self.settings.get("outtype", "f16")
             calibration = imatrix.calibration_text(self.settings.get("imatrix"))
             pre = tokenizer_check.check_pre_tokenizer(merged_dir, toolchain.source_dir,
@@ -160,20 +161,22 @@ class GGUFConvertOperator(BaseOperator):
                         merged_dir, tmp / f"{self.model}-{outtype.upper()}.gguf", toolchain=toolchain,
                         outtype=outtype, metadata=metadata, pre_tokenizer=pre["name"] if pre["mapped"] else None,
                         use_temp_file=bool(self.settings.get("use_temp_file")),
-                        split_max_size=self.settings.get("split_max_size"))
+                        split_max_size=self.settings.get("split_max_size"), fused_adapter=fused_adapter)
                     checks: dict[str, Any] = {"chat_template": tokenizer_check.check_chat_template(summary.metadata,
                                                                                                    merged_dir)}
                     if reference is not None:
                         checks["comparison"] = tokenizer_check.compare_tokenization(
                             summary.path, merged_dir, reference=reference.result())
                         self.log.info("tokenizer comparison: %s", checks["comparison"])
+                hashed[Path(summary.path).relative_to(tmp).as_posix()] = summary.sha256
                 return {"gguf": summary.as_record(), "tokenizer_checks": checks}
 
-            base = store.build(self.model, "gguf", inputs, convert, force=force)
+            hashed: dict[str, str] = {}  # filled by convert(): the store need not read the GGUF again
+            base = store.build(self.model, "gguf", inputs, convert, force=force, known_sha256=hashed)
             base_record = _file_record(outtype.upper(), base, toolchain.version)
             tokenizer = {**pre, **base.manifest.get("tokenizer_checks", {}),
                          "gguf_pre": base.manifest["gguf"]["metadata"].get("tokenizer.ggml.pre")}
-            fidelity = self._fidelity_gate(merged_dir, base_record, force)
+            fidelity = self._fidelity_gate(merged_dir, base_record, force, fused_adapter)
             imatrix_record = None
             if calibration is not None:
                 imatrix_record = self._imatrix(store, toolchain, base_record, calibration, force)
@@ -182,7 +185,8 @@ class GGUFConvertOperator(BaseOperator):
         context["ti"].xcom_push(key="quant_types", value=types)
         return result
 
-    def _fidelity_gate(self, merged_dir: Path, base: dict[str, Any], force: bool) -> dict[str, Any] | None:
+    def _fidelity_gate(self, merged_dir: Path, base: dict[str, Any], force: bool,
+                       fused_adapter: Path | None = None) -> dict[str, Any] | None:
         module, config = _fidelity(self.fidelity)
         if module is None:
             return None
@@ -191,7 +195,7 @@ class GGUFConvertOperator(BaseOperator):
             "check": "logits", "merged": self.merged["sha256"], "gguf": base["sha256"], "prompts": list(config.prompts),
             "max_abs_diff": config.max_abs_diff, "max_kl": config.max_kl, "mode": config.mode,
         }, lambda: module.compare_logits(merged_dir, f16, prompts=config.prompts, max_abs_diff=config.max_abs_diff,
-                                         max_kl=config.max_kl, mode=config.mode), force)
+                                         max_kl=config.max_kl, mode=config.mode, fused_adapter=fused_adapter), force)
         self.log.info("fidelity (merged vs f16): %s", figures)
         text = _eval_text(config)
         if text is not None:
@@ -317,12 +321,15 @@ class GGUFQuantizeOperator(BaseOperator):
                 if summary.tensor_count != inspect_count(base["path"]):
                     raise GGUFError(f"{quant}: {summary.tensor_count} tensors, the f16 GGUF has a different count",
                                     fix="report this llama.cpp quantizer bug; try another quant type")
+                hashed[Path(summary.path).relative_to(tmp).as_posix()] = summary.sha256
                 return {"gguf": summary.as_record(), "type_fraction": round(fraction["value"], 4)}
 
+            hashed: dict[str, str] = {}  # filled by quantize(): the store need not read the GGUF again
             result = store_build(self.artifact_root, self.model, {
                 "base": base["sha256"], "quant": quant, "llama_cpp": toolchain.version,
                 "imatrix": imatrix["sha256"] if imatrix else None, "overrides": overrides,
-                "min_type_fraction": min_fraction, "on_fallback": on_fallback}, quantize, as_bool(self.force))
+                "min_type_fraction": min_fraction, "on_fallback": on_fallback}, quantize, as_bool(self.force),
+                known_sha256=hashed)
             record = _file_record(quant, result, toolchain.version)
             self.log.info("%s: %.2f bits/weight, types %s", quant, record["bits_per_weight"],
                           record["weights_by_type"])
@@ -352,12 +359,13 @@ def inspect_count(path: str) -> int:
     """Tensor count of a GGUF, over all shards of a split one."""
     from include.gguf_reader import inspect_split
 
-    return inspect_split(Path(path)).tensor_count
+    return inspect_split(Path(path), with_sha256=False).tensor_count
 
 
-def store_build(root: str, model: str, inputs: dict[str, Any], produce: Any, force: bool) -> StageResult:
+def store_build(root: str, model: str, inputs: dict[str, Any], produce: Any, force: bool,
+                known_sha256: dict[str, str] | None = None) -> StageResult:
     """``ArtifactStore(root).build(model, "gguf", inputs, produce)``: content-addressed, manifest last."""
-    return ArtifactStore(root).build(model, "gguf", inputs, produce, force=force)
+    return ArtifactStore(root).build(model, "gguf", inputs, produce, force=force, known_sha256=known_sha256)
 
 
 def quant_types_of(convert: GGUFConvertOperator, task_id: str = "quant_types", **task_kwargs: Any) -> Any:

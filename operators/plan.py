@@ -41,7 +41,7 @@ class DeployPlanOperator(BaseOperator, SkipMixin):
     :param artifact_root: root of the artifact store. (templated)
     :param source: the model's ``source`` config as a dict.
     :param base_model: the base model directory or repo id.
-    :param merge_dtype: the merge's output dtype (``auto`` keeps the base's).
+    :param merge_dtype: the merge's output dtype (``auto`` keeps the base's; ``fused``: nothing merged is written).
     :param outtype: the converter's full-precision type (f16, bf16, f32).
     :param lmstudio_dir: LM Studio's models directory, or None when it is discovered at install time.
     :param hf: the model's ``hf`` config as a dict, or None.

@@ -12,8 +12,9 @@ export LORA_DEPLOY_CONFIG="${LORA_DEPLOY_CONFIG:-$ROOT/config/models.yaml}"
 export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/dags"
 export AIRFLOW__CORE__PLUGINS_FOLDER="$ROOT/plugins"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
-# Start a deploy's next task within ~0.1 s of the previous one ending (Airflow's default idle loop sleeps 1 s).
-export AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME="${AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME:-0.1}"
+# A deploy's next task starts within ~0.5 s of the previous one (Airflow's idle loop default: 1 s); faster
+# polling costs the stages CPU on small machines (docs/operations.md#scheduler-latency).
+export AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME="${AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME:-0.5}"
 export AIRFLOW__API__PORT="${AIRFLOW_PORT:-8080}"
 export AIRFLOW__API__BASE_URL="http://127.0.0.1:${AIRFLOW_PORT:-8080}"
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://127.0.0.1:${AIRFLOW_PORT:-8080}/execution/"

@@ -6,7 +6,7 @@ The models are bench/pipeline's (~0.5B bf16 Llama + r=16 LoRA on the loopback ss
 one config with the fidelity gate off and Q4_K_M, Q5_K_M, Q8_0 each. Two runs, each in a fresh local
 Airflow (LocalExecutor, 4 task slots, SQLite) and a fresh artifact store, triggered through the REST API:
 
-1. **no pool**: the heavy tasks (merge, convert, quantize) of all models run as soon as a slot is free;
+1. **no pool**: the heavy tasks (merge, convert, quantize, smoke) of all models run as soon as a slot is free;
    this run measures each heavy stage's peak RSS (its process tree).
 2. **memory pool**: ``settings.pools.lora_deploy_heavy.slots`` = the budget in MB (``--budget-mb``, default
    twice the largest heavy peak of run 1, rounded up to 100 MB) and every heavy task takes
@@ -29,10 +29,26 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "merge"), str(ROOT / "bench" / "pipeline")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "merge")]
 
 import yaml  # noqa: E402
-from run import QUANTS, prepare  # noqa: E402
+
+from tests.e2e.concurrent_deploys import HEAVY  # noqa: E402
+
+
+def _pipeline_bench() -> Any:
+    """bench/pipeline/run.py as a module (bench/merge has a run.py too, so not by name on sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pipeline_run", Path(__file__).with_name("run.py"))
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PIPELINE = _pipeline_bench()
+QUANTS = PIPELINE.QUANTS
 
 POOL = "lora_deploy_heavy"
 PASSWORD = "bench-concurrency"
@@ -92,12 +108,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="lora-deploy-concurrency-"))
     sshd = start_sshd(work / "sshd")
     try:
-        base, box = prepare(args.size, work)
+        base, box = PIPELINE.prepare(args.size, work)
         (work / "free").mkdir()
         free = write_config(work / "free" / "models.yaml", base, box, work / "free", args.models, None)
         unpooled = one_run(sshd, free, work / "free", args.models, pooled=False)
         print(f"no pool: {json.dumps(unpooled)}", flush=True)
-        heavy_peak = max(unpooled["task_peak_mb"][s] for s in ("merge", "convert", "quantize"))
+        heavy_peak = max(unpooled["task_peak_mb"][s] for s in HEAVY)
         task_mb = int(math.ceil(heavy_peak / 100) * 100)
         budget = args.budget_mb or 2 * task_mb
         (work / "pool").mkdir()

@@ -1,6 +1,11 @@
 """Benchmark the whole chain: the deploy DAG in a real Airflow (and under dag.test) vs a shell script of raw tools.
 
-    .venv/bin/python bench/pipeline/run.py [--size 0p5b|tiny] [--fidelity on|off]
+    .venv/bin/python bench/pipeline/run.py [--size 0p5b|tiny] [--fidelity off|on] [--merge fused|streaming]
+
+By default both sides do the same work: the DAG's fidelity gate (logits and perplexity, which the script
+does not do) is off, and the model merges with ``merge.backend: fused``; ``--fidelity on`` measures what
+the gate costs on top (results in bench/results/pipeline-<size>-fidelity-<on|off>-<merge>.json unless
+the defaults, which write bench/results/pipeline.json).
 
 Same machine, same run, same inputs: a generated bf16 Llama (~0.5B, bench/merge/models.py, with the tiny
 model's SentencePiece tokenizer) and an r=16 all-linear LoRA on a loopback OpenSSH "training box".
@@ -14,8 +19,10 @@ model's SentencePiece tokenizer) and an r=16 all-linear LoRA on a loopback OpenS
   stage reused);
 * dag.test: the same DAG in-process, in a fresh artifact store.
 
-Peak RSS is sampled (every 0.1 s) over each side's whole process tree: the largest single process and
-the largest sum. Writes bench/results/pipeline.json, docs/images/pipeline.png and prints the tables
+Peak RSS is sampled every 0.5 s (SAMPLE_S) over each side's whole process tree: the largest single
+process and the largest sum. (Every 0.1 s, sampling Airflow's ~25 processes cost the stages measurable CPU
+on 2 cores.) The CPU seconds the Airflow components themselves used during each run are reported too.
+Writes bench/results/pipeline.json, docs/images/pipeline.png and prints the tables
 for docs/benchmarks.md.
 """
 
@@ -28,7 +35,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,46 +42,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "merge")]
 
-import psutil  # noqa: E402
 import yaml  # noqa: E402
 
+from tests.e2e.task_rss import TaskRssSampler  # noqa: E402
+
 QUANTS = ["Q4_K_M", "Q5_K_M", "Q8_0"]
+SAMPLE_S = 0.5  # RSS sampling interval
 CHAIN = ["plan", "download", "merge", "convert", "quant_types", "quantize", "ggufs", "install", "smoke", "promote",
          "health"]
-
-
-class RssSampler:
-    """Samples the RSS of process trees in a thread: peak of one process and peak of the sum."""
-
-    def __init__(self, roots: list[int]) -> None:
-        self.roots, self.peak_one, self.peak_sum = roots, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            total = 0
-            for root in self.roots:
-                try:
-                    procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
-                except psutil.NoSuchProcess:
-                    continue
-                for proc in procs:
-                    try:
-                        rss = proc.memory_info().rss
-                    except psutil.Error:
-                        continue
-                    total += rss
-                    self.peak_one = max(self.peak_one, rss)
-            self.peak_sum = max(self.peak_sum, total)
 
 
 def prepare(size: str, work: Path) -> tuple[Path, Path]:
@@ -109,20 +83,20 @@ def run_script(sshd: Any, box: Path, base: Path, work: Path) -> dict[str, Any]:
             quantize_cmd, str(work / "script-lmstudio")]
     started = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with RssSampler([proc.pid]) as rss:
+    with TaskRssSampler([proc.pid], interval_s=SAMPLE_S) as rss:
         out, err = proc.communicate()
     wall = time.monotonic() - started
     if proc.returncode:
         raise SystemExit(f"reference script failed: {err[-3000:]}")
     stages = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if len(line.split()) == 2}
-    return {"wall_s": round(wall, 2), "stages": stages, "peak_rss_mb": round(rss.peak_one / 1e6),
-            "peak_rss_sum_mb": round(rss.peak_sum / 1e6), "quantizer": quantize_cmd}
+    return {"wall_s": round(wall, 2), "stages": stages, "peak_rss_mb": round(rss.peak_process() / 1e6),
+            "peak_rss_sum_mb": round(rss.peak_total() / 1e6), "quantizer": quantize_cmd}
 
 
-def write_config(path: Path, base: Path, box: Path, work: Path, fidelity: bool) -> Path:
+def write_config(path: Path, base: Path, box: Path, work: Path, fidelity: bool, merge: str = "fused") -> Path:
     """The bench model's config: SSH source on the loopback box, three quants, LM Studio dir, no Hub."""
     entry = {"base_model": str(base), "source": {"kind": "ssh", "ssh_conn_id": "bench_box", "remote_dir": str(box)},
-             "quantize": {"types": QUANTS}, "fidelity": {"enabled": fidelity},
+             "merge": {"backend": merge}, "quantize": {"types": QUANTS}, "fidelity": {"enabled": fidelity},
              "lmstudio": {"models_dir": str(work / "lmstudio"), "publisher": "bench"},
              "notify": {"slack_conn_id": None}}
     path.write_text(yaml.safe_dump({"settings": {"artifact_root": str(work / "artifacts")},
@@ -151,12 +125,35 @@ def task_durations(airflow: Any, run_id: str) -> dict[str, float]:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def run_airflow(sshd: Any, config: Path, work: Path) -> dict[str, Any]:
-    """Trigger through REST, time to success; the same again (nothing new)."""
+def services_cpu(services: Any) -> dict[str, float]:
+    """CPU seconds used so far by each Airflow component's own process and the children it has reaped.
+
+    Task processes are not in it (the LocalExecutor's long-lived workers run them), but the dag-processor's
+    parsing children are: the figure is what keeping Airflow running costs the cores the stages need.
+    """
+    import psutil
+
+    used = {}
+    for name, proc in services.processes.items():
+        times = psutil.Process(proc.pid).cpu_times()
+        used[name] = times.user + times.system + times.children_user + times.children_system
+    return used
+
+
+def run_airflow(sshd: Any, config: Path, work: Path, idle_sleep: str | None = None) -> dict[str, Any]:
+    """Trigger through REST, time to success; the same again (nothing new).
+
+    The wall time runs from just before the trigger request to the run's ``end_date`` (recorded by the
+    scheduler), so the poll for the run's state can be slow (1 s) and cost the api-server little CPU.
+    """
+    from datetime import datetime
+
     from tests.e2e.airflow_services import airflow_services, wait_for
 
-    services = airflow_services(work / "airflow", {"LORA_DEPLOY_CONFIG": str(config),
-                                                   "AIRFLOW_CONN_BENCH_BOX": sshd.airflow_conn()})
+    env = {"LORA_DEPLOY_CONFIG": str(config), "AIRFLOW_CONN_BENCH_BOX": sshd.airflow_conn()}
+    if idle_sleep is not None:
+        env["AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME"] = idle_sleep
+    services = airflow_services(work / "airflow", env)
     services.start()
     try:
         wait_for(lambda: services.api("GET", "/dags/deploy_bench").ok, timeout_s=180, what="deploy_bench parsed")
@@ -170,25 +167,29 @@ def run_airflow(sshd: Any, config: Path, work: Path) -> dict[str, Any]:
             raise SystemExit(f"the warm-up dry run failed: {task_durations(services, run_id)}")
         results["warmup_dry_run_s"] = round(time.monotonic() - started, 2)
         for label in ("first", "rerun"):
-            with RssSampler([p.pid for p in services.processes.values()]) as rss:
-                started = time.monotonic()
+            cpu_before = services_cpu(services)
+            with TaskRssSampler([p.pid for p in services.processes.values()], interval_s=SAMPLE_S) as rss:
+                started = time.time()
                 response = services.api("POST", "/dags/deploy_bench/dagRuns", json={"logical_date": None, "conf": {}})
                 response.raise_for_status()
                 run_id = response.json()["dag_run_id"]
 
-                def done(run_id: str = run_id) -> str | None:
-                    state = services.api("GET", f"/dags/deploy_bench/dagRuns/{run_id}").json()["state"]
-                    return state if state in ("success", "failed") else None
+                def done(run_id: str = run_id) -> dict[str, Any] | None:
+                    run = services.api("GET", f"/dags/deploy_bench/dagRuns/{run_id}").json()
+                    return run if run["state"] in ("success", "failed") else None
 
-                state = wait_for(done, timeout_s=3600, what="the bench run", interval_s=0.2)
-                wall = time.monotonic() - started
+                run = wait_for(done, timeout_s=3600, what="the bench run", interval_s=1)
+                state = run["state"]
+                wall = datetime.fromisoformat(run["end_date"]).timestamp() - started
             if state != "success":
                 raise SystemExit(f"deploy_bench {label} run {state}: {task_durations(services, run_id)}")
             durations = task_durations(services, run_id)
             critical = sum(durations.get(t, 0.0) for t in CHAIN)
             results[label] = {"wall_s": round(wall, 2), "tasks": durations, "task_work_s": round(critical, 2),
-                              "overhead_s": round(wall - critical, 2), "peak_rss_mb": round(rss.peak_one / 1e6),
-                              "peak_rss_sum_mb": round(rss.peak_sum / 1e6)}
+                              "overhead_s": round(wall - critical, 2), "peak_rss_mb": round(rss.peak_process() / 1e6),
+                              "peak_rss_sum_mb": round(rss.peak_total() / 1e6),
+                              "services_cpu_s": {k: round(v - cpu_before[k], 2)
+                                                 for k, v in services_cpu(services).items()}}
             print(f"airflow {label}: {wall:.1f} s (task work {critical:.1f} s)", flush=True)
         return results
     finally:
@@ -212,12 +213,12 @@ def run_dag_test(sshd: Any, config: Path, work: Path) -> dict[str, Any]:
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT / "dags")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    with RssSampler([proc.pid]) as rss:
+    with TaskRssSampler([proc.pid], interval_s=SAMPLE_S) as rss:
         out, _ = proc.communicate()
     wall = time.monotonic() - started
     if "STATE success" not in out:
         raise SystemExit(f"dag.test failed: {out[-3000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(rss.peak_one / 1e6)}
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(rss.peak_process() / 1e6)}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -254,7 +255,9 @@ def main() -> int:
     """Prepare, run the three sides, write results, plot, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="0p5b", choices=["0p5b", "tiny"])
-    parser.add_argument("--fidelity", default="on", choices=["on", "off"])
+    parser.add_argument("--fidelity", default="off", choices=["off", "on"], help="the DAG's fidelity gate")
+    parser.add_argument("--merge", default="fused", choices=["fused", "streaming"], help="the model's merge.backend")
+    parser.add_argument("--idle-sleep", help="[scheduler] scheduler_idle_sleep_time (default: the project's 0.5)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     from tests.stand_ins.sshd import start_sshd
@@ -263,12 +266,14 @@ def main() -> int:
     sshd = start_sshd(work / "sshd")
     try:
         base, box = prepare(args.size, work)
-        config = write_config(work / "models.yaml", base, box, work, args.fidelity == "on")
+        config = write_config(work / "models.yaml", base, box, work, args.fidelity == "on", args.merge)
         results: dict[str, Any] = {"command": "python bench/pipeline/run.py " + " ".join(sys.argv[1:]),
-                                   "size": args.size, "fidelity": args.fidelity, "cpus": os.cpu_count()}
+                                   "size": args.size, "fidelity": args.fidelity, "merge": args.merge,
+                                   "scheduler_idle_sleep_s": float(args.idle_sleep or 0.5),
+                                   "cpus": os.cpu_count()}
         results["script"] = run_script(sshd, box, base, work)
         print(f"script: {results['script']['wall_s']:.1f} s", flush=True)
-        results["airflow"] = run_airflow(sshd, config, work)
+        results["airflow"] = run_airflow(sshd, config, work, args.idle_sleep)
         results["dag_test"] = run_dag_test(sshd, config, work)
         print(f"dag.test: {results['dag_test']['wall_s']:.1f} s", flush=True)
     finally:
@@ -279,7 +284,8 @@ def main() -> int:
     results["ratio_vs_script"] = round(first["wall_s"] / results["script"]["wall_s"], 3)
     results["dag_test_ratio_vs_script"] = round(results["dag_test"]["wall_s"] / results["script"]["wall_s"], 3)
     results["rerun_seconds"] = results["airflow"]["rerun"]["wall_s"]
-    suffix = "" if (args.size, args.fidelity) == ("0p5b", "on") else f"-{args.size}-fidelity-{args.fidelity}"
+    suffix = "" if (args.size, args.fidelity, args.merge, args.idle_sleep) == ("0p5b", "off", "fused", None) else \
+        f"-{args.size}-fidelity-{args.fidelity}-{args.merge}" + (f"-idle-{args.idle_sleep}" if args.idle_sleep else "")
     (ROOT / "bench" / "results" / f"pipeline{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, ROOT / "docs" / "images" / f"pipeline{suffix}.png")
     print(json.dumps({k: results[k] for k in ("ratio_vs_script", "dag_test_ratio_vs_script", "rerun_seconds")}))

@@ -81,6 +81,8 @@ def test_quantize_is_mapped_per_type_and_heavy_stages_share_a_queue_and_pool(mon
         task = dag.get_task(task_id)
         assert (task.queue, task.pool, task.pool_slots) == ("gpu", "heavy", 2), task_id
     assert dag.get_task("download").queue != "gpu"
+    smoke = dag.get_task("smoke")  # loads the model into a server: in the pool, on the default queue
+    assert (smoke.queue, smoke.pool, smoke.pool_slots) == ("default", "heavy", 2)
 
 
 def test_each_model_gets_a_rollback_dag(example_bag):

@@ -140,7 +140,7 @@ def airflow_services(home: Path, extra_env: dict[str, str], password: str = "adm
         "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-        "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.1",  # as scripts/airflow.sh and docker-compose.yaml
+        "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",  # as scripts/airflow.sh and docker-compose.yaml
         "PYTHONPATH": str(ROOT),
         **({"AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins")} if plugins else {}),
         **extra_env,

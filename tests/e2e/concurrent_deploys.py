@@ -12,7 +12,7 @@ from typing import Any
 from tests.e2e.airflow_services import AirflowServices, wait_for
 from tests.e2e.task_rss import TaskRssSampler, max_concurrent
 
-HEAVY = ("merge", "convert", "quantize")
+HEAVY = ("merge", "convert", "quantize", "smoke")  # the tasks in the heavy pool (smoke: a llama.cpp server)
 MB = 1_000_000
 
 

@@ -20,11 +20,12 @@ TASK_TITLE = re.compile(r"airflow worker -- ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}
 
 @dataclass
 class Sample:
-    """One moment: seconds since start, RSS (bytes) per task instance id, RSS of every sampled process."""
+    """One moment: seconds since start, RSS (bytes) per task instance id, of all processes, of the largest."""
 
     at_s: float
     tasks: dict[str, int]
     total: int
+    largest: int
 
 
 @dataclass
@@ -75,7 +76,7 @@ class TaskRssSampler:
             match = TASK_TITLE.search(title)
             if match:
                 tasks[match.group(1)] = tasks.get(match.group(1), 0) + _tree_rss(pid, rss, children)
-        return Sample(time.monotonic() - self._started, tasks, sum(rss.values()))
+        return Sample(time.monotonic() - self._started, tasks, sum(rss.values()), max(rss.values(), default=0))
 
     def peak_of(self, ti_ids: set[str]) -> int:
         """The largest sum, over one sample, of the RSS of the task instances in ``ti_ids`` (bytes)."""
@@ -92,6 +93,10 @@ class TaskRssSampler:
     def peak_total(self) -> int:
         """The largest RSS of all sampled processes together (bytes)."""
         return max((s.total for s in self.samples), default=0)
+
+    def peak_process(self) -> int:
+        """The largest RSS of one process (bytes)."""
+        return max((s.largest for s in self.samples), default=0)
 
 
 def _tree_rss(pid: int, rss: dict[int, int], children: dict[int, list[int]]) -> int:

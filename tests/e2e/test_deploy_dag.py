@@ -121,3 +121,31 @@ def test_dry_run_plans_and_writes_nothing(deployment):
     assert sorted(str(p) for p in tmp.rglob("*")) == before, "a dry run wrote files"
     assert deployment["hub"].repos == {}
     assert deployment["slack"].messages == []
+
+
+def test_fused_merge_deploys_the_same_gguf_without_writing_a_merged_model(tmp_path, monkeypatch, demo_inputs,
+                                                                          airflow_db):
+    """merge.backend fused vs streaming, same adapter: the same f16 and Q8_0 bytes, the fidelity gate passes."""
+    converted = {}
+    for backend in ("streaming", "fused"):
+        root = tmp_path / backend
+        root.mkdir()
+        box = str(demo_inputs.training_box)
+        entry = {"base_model": str(demo_inputs.base), "source": {"kind": "local", "path": box},
+                 "merge": {"backend": backend}, "quantize": {"types": ["Q8_0"]},
+                 "lmstudio": {"models_dir": str(root / "lmstudio")}, "notify": {"slack_conn_id": None}}
+        monkeypatch.setenv("LORA_DEPLOY_CONFIG", str(write_config(root / "models.yaml", "fusion", entry,
+                                                                  root / "artifacts")))
+        state, records = run_deploy("deploy_fusion", {"targets": ["lmstudio"]})
+        assert state == "success", {k: v["state"] for k, v in records.items()}
+        merge, convert = records["merge"]["xcom"], records["convert"]["xcom"]
+        assert convert["fidelity"]["passed"] and convert["tokenizer"]["comparison"]["equal"]
+        converted[backend] = (convert["base"]["sha256"], records["ggufs"]["xcom"]["files"][0]["sha256"])
+        stored_merges = list((root / "artifacts" / "fusion").glob("*/merged*")) + list(
+            (root / "artifacts" / "fusion").rglob("model*.safetensors"))
+        if backend == "fused":
+            assert merge["backend"] == "fused" and merge["bytes"] == 0 and merge["path"] == str(demo_inputs.base)
+            assert stored_merges == [], stored_merges  # nothing merged was written
+        else:
+            assert stored_merges
+    assert converted["fused"] == converted["streaming"]

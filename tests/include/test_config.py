@@ -87,3 +87,10 @@ def test_heavy_pool_slots_must_fit_the_declared_pool(tmp_path):
     message = str(loaded.errors["toobig"])
     assert "models.toobig.workers.heavy_pool_slots" in message and "settings.pools.heavy.slots" in message
     assert "never be scheduled" in message and "at most 2000" in message
+
+
+def test_fused_merge_keeps_the_base_dtype():
+    assert validate_model("m", {**MINIMAL, "merge": {"backend": "fused"}}).merge.backend == "fused"
+    with pytest.raises(ConfigError) as err:
+        validate_model("m", {**MINIMAL, "merge": {"backend": "fused", "dtype": "float16"}})
+    assert "models.m.merge" in str(err.value) and "merge.dtype must be 'auto'" in str(err.value)

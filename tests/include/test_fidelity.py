@@ -270,27 +270,3 @@ def test_bench_quick_mode_runs_end_to_end(demo_inputs, tmp_path: Path) -> None:
     assert record["fused_ratio_vs_convert"] > 0
     assert record["cases"]["raw"]["wall_s"] > 0 and record["cases"]["engine"]["rss_mb"] > 0
 
-
-def test_fused_merge_conversion_gives_the_merge_then_convert_gguf(demo_inputs, tmp_path: Path) -> None:
-    """bench/gguf/fused.py (LoRA applied in the converter's tensor stream) == merge_lora + convert, bytewise."""
-    import json
-
-    adapter = demo_inputs.training_box / "checkpoint-20"
-    metadata = {"general.name": "fused-check", "general.version": "v1"}
-    merged = tmp_path / "merged"
-    merge_lora(demo_inputs.base, adapter, merged)
-    reference = convert_to_gguf(merged, tmp_path / "ref.gguf", toolchain=pinned_toolchain(), metadata=metadata)
-    meta_file = tmp_path / "meta.json"
-    meta_file.write_text(json.dumps(metadata))
-    fused = tmp_path / "fused.gguf"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gguf" / "fused.py"), "--base", str(demo_inputs.base),
-                           "--adapter", str(adapter), "--", "--outfile", str(fused), "--outtype", "f16",
-                           "--metadata", str(meta_file)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "merged 14 tensors on the fly" in proc.stdout  # 2 layers x 7 target modules
-    from include.gguf_reader import inspect_gguf
-
-    assert inspect_gguf(fused).sha256 == reference.sha256
-    plain = tmp_path / "plain.gguf"  # the base alone differs: the merge really happened
-    assert convert_to_gguf(demo_inputs.base, plain, toolchain=pinned_toolchain(), metadata=metadata).sha256 \
-        != reference.sha256

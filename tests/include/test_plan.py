@@ -13,6 +13,7 @@ def test_outputs_are_estimated_from_parameters_and_bits_per_weight():
     assert outputs == [{"name": "merged", "bytes": 2_000_000_000}, {"name": "F16", "bytes": 2_000_000_000},
                        {"name": "Q4_K_M", "bytes": 612_500_000}, {"name": "Q8_0", "bytes": 1_062_500_000}]
     assert estimate_outputs(10, 40, "auto", "f16", [])[0] == {"name": "merged", "bytes": 40}
+    assert estimate_outputs(10, 40, "fused", "f16", [])[0] == {"name": "merged", "bytes": 0}  # nothing written
 
 
 def test_disk_check_walks_up_to_an_existing_parent(tmp_path):
