@@ -125,6 +125,22 @@ def task_durations(airflow: Any, run_id: str) -> dict[str, float]:
     return {k: round(v, 2) for k, v in out.items()}
 
 
+def recomputed(airflow: Any, run_id: str) -> list[str]:
+    """The stages of a run that produced their output anew (their XCom record says ``reused: false``).
+
+    A fused merge writes nothing, so only the stages with a stored output are asked: download, convert and
+    each quantize type.
+    """
+    def record(task_id: str, map_index: int = -1) -> dict[str, Any]:
+        path = f"/dags/deploy_bench/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
+        return airflow.api("GET", path, params={"map_index": map_index}).json()["value"]
+
+    fresh = [task for task in ("download",) if not record(task)["reused"]]
+    fresh += ["convert"] if not record("convert")["base"]["reused"] else []
+    fresh += [f"quantize[{i}]" for i in range(len(QUANTS)) if not record("quantize", i)["reused"]]
+    return fresh
+
+
 def services_cpu(services: Any) -> dict[str, float]:
     """CPU seconds used so far by each Airflow component's own process and the children it has reaped.
 
@@ -190,7 +206,9 @@ def run_airflow(sshd: Any, config: Path, work: Path, idle_sleep: str | None = No
                               "peak_rss_sum_mb": round(rss.peak_total() / 1e6),
                               "services_cpu_s": {k: round(v - cpu_before[k], 2)
                                                  for k, v in services_cpu(services).items()}}
-            print(f"airflow {label}: {wall:.1f} s (task work {critical:.1f} s)", flush=True)
+            results[label]["recomputed"] = recomputed(services, run_id)
+            print(f"airflow {label}: {wall:.1f} s (task work {critical:.1f} s), recomputed "
+                  f"{results[label]['recomputed']}", flush=True)
         return results
     finally:
         services.stop()
