@@ -7,8 +7,9 @@ peak of one heavy task of that model (docs/operations.md has measured peaks). Th
 starts a heavy task whose slots do not fit, so three models deploying at once stay under the budget.
 
 Pools live in Airflow's database, not in DAG files, so they are applied from outside the DAGs:
-``lora-deploy-trigger pools`` (REST, any installation) or :func:`apply_pools_in_db` (a local Airflow
-before it starts, as ``scripts/airflow.sh`` does). Nothing here imports Airflow at module level.
+``lora-deploy-trigger pools`` (REST, any installation), or ``python -m include.pools`` listing them for
+``airflow pools set`` (a local Airflow before it starts, as ``scripts/airflow.sh`` does). Nothing here
+imports Airflow.
 """
 
 from __future__ import annotations
@@ -74,24 +75,15 @@ def apply_pools_rest(client: PoolClient, pools: dict[str, PoolSettings]) -> list
     return lines
 
 
-def apply_pools_in_db(pools: dict[str, PoolSettings]) -> list[str]:
-    """Create or resize each pool directly in the metadata database (a local Airflow, e.g. before it starts)."""
-    from airflow.models.pool import Pool
-
-    lines = []
-    for name, pool in sorted(pools.items()):
-        Pool.create_or_update_pool(name, pool.slots, pool.description, include_deferred=False)
-        lines.append(f"pool {name}: {pool.slots} slots")
-    return lines
-
-
 def main() -> int:
-    """``python -m include.pools``: apply the config's pools to the local metadata database."""
+    """``python -m include.pools``: the config's pools, one ``name<TAB>slots<TAB>description`` line each.
+
+    ``scripts/airflow.sh`` feeds them to ``airflow pools set`` before starting a local Airflow.
+    """
     from include.config import load_config
 
-    settings = load_config().settings
-    for line in apply_pools_in_db(settings.pools):
-        print(line)
+    for name, pool in sorted(load_config().settings.pools.items()):
+        print(f"{name}\t{pool.slots}\t{pool.description}")
     return 0
 
 

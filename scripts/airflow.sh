@@ -23,5 +23,8 @@ export PATH="$VENV/bin:$PATH"   # standalone starts each component as `airflow <
 "$VENV/bin/python" -c "from include.demo import prepare_demo; from pathlib import Path; import os; \
 prepare_demo(Path(os.environ['LORA_DEPLOY_HOME']))"
 "$VENV/bin/airflow" db migrate >/dev/null
-"$VENV/bin/python" -m include.pools   # settings.pools of the config (nothing when it declares none)
+# settings.pools of the config (the demo declares none): created or resized before anything is scheduled.
+"$VENV/bin/python" -m include.pools | while IFS=$'\t' read -r name slots description; do
+  "$VENV/bin/airflow" pools set "$name" "$slots" "$description" >/dev/null && echo "pool $name: $slots slots"
+done
 exec "$VENV/bin/airflow" standalone
