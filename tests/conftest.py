@@ -126,3 +126,11 @@ def lmstudio(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[object
         stand_in.lms = str(wrapper)
         stand_in.calls = lambda: [json.loads(line)["argv"] for line in calls.read_text().splitlines()]
         yield stand_in
+
+
+@pytest.fixture(scope="session")
+def gguf_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's shared directory of the tiny model's GGUFs (see tests.gguf_helpers.tiny_gguf)."""
+    root = tmp_path_factory.getbasetemp() / "tiny-gguf"
+    root.mkdir(exist_ok=True)
+    return root

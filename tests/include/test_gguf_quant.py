@@ -13,15 +13,7 @@ from include.errors import GGUFError
 from include.hashing import sha256_file
 from include.tiny_model import make_base_model
 from include.toolchain import PINNED_VERSION, ensure_tools, pinned_toolchain, user_toolchain
-from tests.include.test_gguf import tiny_gguf
-
-
-@pytest.fixture(scope="session")
-def gguf_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's shared directory of tiny GGUFs (as in test_gguf)."""
-    root = tmp_path_factory.getbasetemp() / "tiny-gguf"
-    root.mkdir(exist_ok=True)
-    return root
+from tests.gguf_helpers import tiny_gguf
 
 
 @pytest.fixture(scope="session")

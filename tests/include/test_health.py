@@ -15,7 +15,7 @@ import pytest
 
 from include.errors import HealthError
 from include.health import check_endpoint, serve_gguf, smoke_test
-from tests.include.test_gguf import tiny_gguf
+from tests.gguf_helpers import tiny_gguf
 
 PROMPT = "Hello world, deploy the model"
 

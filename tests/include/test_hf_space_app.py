@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from include.model_card import GRADIO_VERSION, space_files
-from tests.include.test_gguf import tiny_gguf
+from tests.gguf_helpers import tiny_gguf
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from include.errors import GGUFError
 from include.gguf import convert_to_gguf, inspect_gguf
 from include.tiny_model import make_base_model
 from include.toolchain import pinned_toolchain
-from tests.include.test_gguf import tiny_gguf
+from tests.gguf_helpers import tiny_gguf
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
 
@@ -121,11 +121,3 @@ def test_precomputed_reference_is_what_gets_compared(gguf_root: Path) -> None:
 def test_missing_chat_template_is_reported(bpe_root: Path) -> None:
     with pytest.raises(GGUFError, match=r"chat template .* is not in the GGUF"):
         tc.check_chat_template({"tokenizer.chat_template": "other"}, bpe_root / "base")
-
-
-@pytest.fixture(scope="session")
-def gguf_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's shared directory of tiny GGUFs (as in test_gguf)."""
-    root = tmp_path_factory.getbasetemp() / "tiny-gguf"
-    root.mkdir(exist_ok=True)
-    return root

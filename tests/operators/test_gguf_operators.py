@@ -11,15 +11,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from include.config import FidelitySettings, QuantizeSettings
 from include.toolchain import PINNED_VERSION, ensure_tools
 from operators.gguf import GGUFConvertOperator, GGUFQuantizeOperator, validated_types
-from tests.include.test_gguf import tiny_gguf
-
-
-@pytest.fixture(scope="session")
-def gguf_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's shared directory of tiny GGUFs (as in test_gguf)."""
-    root = tmp_path_factory.getbasetemp() / "tiny-gguf"
-    root.mkdir(exist_ok=True)
-    return root
+from tests.gguf_helpers import tiny_gguf
 
 
 @pytest.fixture(scope="session")

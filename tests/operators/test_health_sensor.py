@@ -18,7 +18,7 @@ from include.hashing import sha256_file
 from include.ledger import read_ledger, record_install, update_ledger
 from operators.health import HealthCheckSensor
 from operators.health_trigger import LiveEndpointTrigger
-from tests.include.test_gguf import tiny_gguf
+from tests.gguf_helpers import tiny_gguf
 
 HEALTH = {"prompt": "Say hello.", "system_prompt": "You are terse.", "max_tokens": 6, "min_answer_tokens": 1,
           "startup_timeout_s": 60, "max_latency_s": 30, "min_tokens_per_s": 0, "mode": "poke", "poke_interval_s": 0.5,

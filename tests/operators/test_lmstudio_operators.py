@@ -11,7 +11,7 @@ import pytest
 
 from include.hashing import sha256_file
 from include.ledger import read_ledger
-from tests.include.test_gguf import tiny_gguf
+from tests.gguf_helpers import tiny_gguf
 
 MODEL = "tiny"
 TIMES = {"checkpoint-10": "2026-11-01T00:00:00+00:00", "checkpoint-20": "2026-11-02T00:00:00+00:00",
