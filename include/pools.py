@@ -15,18 +15,18 @@ imports Airflow.
 from __future__ import annotations
 
 from typing import Any, Protocol
+from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from include.config_sections import StrictModel
 from include.errors import ConfigError
 
 DEFAULT_POOL_DESCRIPTION = "lora-deploy heavy stages (merge, convert, quantize)"
 
 
-class PoolSettings(BaseModel):
+class PoolSettings(StrictModel):
     """One Airflow pool: its size and what it is for."""
-
-    model_config = ConfigDict(extra="forbid")
 
     slots: int = Field(ge=1, description="pool size; for a memory pool, the heavy stages' RAM budget in MB")
     description: str = DEFAULT_POOL_DESCRIPTION
@@ -68,7 +68,7 @@ def apply_pools_rest(client: PoolClient, pools: dict[str, PoolSettings]) -> list
             client.call("POST", "/pools", {"name": name, "include_deferred": False, **body})
             lines.append(f"pool {name}: created with {pool.slots} slots")
         elif current.get("slots") != pool.slots or current.get("description") != pool.description:
-            client.call("PATCH", f"/pools/{name}", body)
+            client.call("PATCH", f"/pools/{quote(name, safe='')}", body)
             lines.append(f"pool {name}: {current.get('slots')} -> {pool.slots} slots")
         else:
             lines.append(f"pool {name}: {pool.slots} slots (unchanged)")

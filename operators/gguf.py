@@ -151,6 +151,8 @@ class GGUFConvertOperator(BaseOperator):
                 gguf.disk_preflight(merged_dir, Path(self.artifact_root), [t for t in types if t != outtype.upper()],
                                     outtype=outtype, imatrix=calibration is not None)
 
+            hashed: dict[str, str] = {}  # filled by convert(): the store need not read the GGUF again
+
             def convert(tmp: Path) -> dict[str, Any]:
                 check_tokens = self.settings.get("check_tokenizer", True)
                 # The HF side of the token comparison (transformers import, tokenizer load) needs only the
@@ -171,7 +173,6 @@ class GGUFConvertOperator(BaseOperator):
                 hashed[Path(summary.path).relative_to(tmp).as_posix()] = summary.sha256
                 return {"gguf": summary.as_record(), "tokenizer_checks": checks}
 
-            hashed: dict[str, str] = {}  # filled by convert(): the store need not read the GGUF again
             base = store.build(self.model, "gguf", inputs, convert, force=force, known_sha256=hashed)
             base_record = _file_record(outtype.upper(), base, toolchain.version)
             tokenizer = {**pre, **base.manifest.get("tokenizer_checks", {}),
@@ -310,6 +311,8 @@ class GGUFQuantizeOperator(BaseOperator):
             on_fallback = self.settings.get("on_fallback", "fail")
             fraction: dict[str, float] = {}
 
+            hashed: dict[str, str] = {}  # filled by quantize(): the store need not read the GGUF again
+
             def quantize(tmp: Path) -> dict[str, Any]:
                 summary = gguf.quantize_gguf(
                     Path(base["path"]), tmp / f"{self.model}-{quant}.gguf", quant, toolchain=toolchain,
@@ -324,7 +327,6 @@ class GGUFQuantizeOperator(BaseOperator):
                 hashed[Path(summary.path).relative_to(tmp).as_posix()] = summary.sha256
                 return {"gguf": summary.as_record(), "type_fraction": round(fraction["value"], 4)}
 
-            hashed: dict[str, str] = {}  # filled by quantize(): the store need not read the GGUF again
             result = store_build(self.artifact_root, self.model, {
                 "base": base["sha256"], "quant": quant, "llama_cpp": toolchain.version,
                 "imatrix": imatrix["sha256"] if imatrix else None, "overrides": overrides,
