@@ -68,7 +68,8 @@ def apply_pools_rest(client: PoolClient, pools: dict[str, PoolSettings]) -> list
             client.call("POST", "/pools", {"name": name, "include_deferred": False, **body})
             lines.append(f"pool {name}: created with {pool.slots} slots")
         elif current.get("slots") != pool.slots or current.get("description") != pool.description:
-            client.call("PATCH", f"/pools/{quote(name, safe='')}", body)
+            # Without an update_mask the api-server validates a whole pool: name and include_deferred too.
+            client.call("PATCH", f"/pools/{quote(name, safe='')}", {"pool": name, "include_deferred": False, **body})
             lines.append(f"pool {name}: {current.get('slots')} -> {pool.slots} slots")
         else:
             lines.append(f"pool {name}: {pool.slots} slots (unchanged)")

@@ -110,6 +110,9 @@ class AirflowClient:
             return TriggerError(what, model=model, fix=CREDENTIALS_FIX)
         if error.code == 404:
             return TriggerError(what, model=model, fix=UNKNOWN_FIX)
+        if error.code in (400, 422) and path.startswith("/pools"):
+            return TriggerError(what, model=model, fix="the api-server refused the pool: check settings.pools "
+                                                       "against the fields named above")
         if error.code in (400, 422):
             return TriggerError(what, model=model, fix="the run's conf was rejected by the DAG's params: fix the "
                                                        "values named above")

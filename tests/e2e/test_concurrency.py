@@ -68,12 +68,19 @@ def airflow(tmp_path_factory, demo_inputs):
         services.stop()
 
 
-def test_pools_command_creates_then_keeps_the_pool(airflow):
+def test_pools_command_creates_keeps_then_resizes_the_pool(airflow, tmp_path):
     services, config = airflow
     assert f"pool {POOL}: created with {BUDGET_MB} slots" in apply_pools(services, config)
     assert f"pool {POOL}: {BUDGET_MB} slots (unchanged)" in apply_pools(services, config)
     pool = services.api("GET", f"/pools/{POOL}").json()
     assert (pool["slots"], pool["include_deferred"]) == (BUDGET_MB, False)
+    raw = yaml.safe_load(config.read_text())
+    raw["settings"]["pools"][POOL]["slots"] = BUDGET_MB + 500
+    bigger = tmp_path / "bigger.yaml"
+    bigger.write_text(yaml.safe_dump(raw))
+    assert f"pool {POOL}: {BUDGET_MB} -> {BUDGET_MB + 500} slots" in apply_pools(services, bigger)
+    assert services.api("GET", f"/pools/{POOL}").json()["slots"] == BUDGET_MB + 500
+    assert f"pool {POOL}: {BUDGET_MB + 500} -> {BUDGET_MB} slots" in apply_pools(services, config)  # as before
 
 
 def test_three_models_at_once_stay_under_the_memory_budget(airflow):
