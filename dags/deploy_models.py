@@ -27,20 +27,21 @@ from typing import Any
 import pendulum
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param
 
-from include.config import ModelConfig, Settings, load_config
+from include.config.loader import load_config
+from include.config.model import ModelConfig, Settings
 from include.errors import ConfigError
-from include.quant_types import QUANT_TYPES
-from operators.download import VastAIDownloadOperator
-from operators.gguf import GGUFConvertOperator, GGUFQuantizeOperator, quant_types_of
-from operators.gguf_asset import GGUFCollectOperator, adapter_asset
-from operators.health import HealthCheckSensor
-from operators.hf_space import HFSpaceDeployOperator
-from operators.hf_space_sensor import HFSpaceRuntimeSensor
-from operators.lmstudio import LMStudioDeployOperator
-from operators.merge import MergeOperator
-from operators.notify import slack_callback
-from operators.plan import DeployPlanOperator
-from operators.promote import LMStudioPromoteOperator, LMStudioRollbackOperator
+from include.gguf.quant_types import QUANT_TYPES
+from operators.notifiers.slack import slack_callback
+from operators.operators.download import VastAIDownloadOperator
+from operators.operators.gguf import GGUFConvertOperator, GGUFQuantizeOperator, quant_types_of
+from operators.operators.gguf_asset import GGUFCollectOperator, adapter_asset
+from operators.operators.hf_space import HFSpaceDeployOperator
+from operators.operators.lmstudio import LMStudioDeployOperator
+from operators.operators.merge import MergeOperator
+from operators.operators.plan import DeployPlanOperator
+from operators.operators.promote import LMStudioPromoteOperator, LMStudioRollbackOperator
+from operators.sensors.health import HealthCheckSensor
+from operators.sensors.hf_space import HFSpaceRuntimeSensor
 
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
 

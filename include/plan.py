@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from include.errors import ConfigError
-from include.quant_types import approx_bits_per_weight
+from include.gguf.quant_types import approx_bits_per_weight
 
 TARGETS = ("lmstudio", "huggingface")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -101,7 +101,7 @@ class DeployPlan:
 
 def count_parameters(model_dir: Path) -> tuple[int, int]:
     """(parameters, bytes) of a model directory's safetensors, from their headers only."""
-    from include.safetensors_io import list_model_tensors
+    from include.merge.safetensors_io import list_model_tensors
 
     tensors = list_model_tensors(model_dir)
     return (sum(math.prod(t.shape) for t in tensors.values()), sum(t.nbytes for t in tensors.values()))

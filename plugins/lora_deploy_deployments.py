@@ -1,7 +1,7 @@
 """Airflow plugin: the lora-deploy Deployments page (nav entry "Deployments") and its JSON API under /lora-deploy.
 
-Thin layer: the app and the page live in :mod:`include.deployments_page`, the data in
-:mod:`include.deployments_view`. This module only wires them to Airflow: the api-server mounts the FastAPI
+Thin layer: the app and the page live in :mod:`include.deployments.page`, the data in
+:mod:`include.deployments.view`. This module only wires them to Airflow: the api-server mounts the FastAPI
 app, and every JSON endpoint requires an Airflow user (bearer JWT or the UI's ``_token`` cookie, checked by
 Airflow's own ``get_user``) allowed to read the model's ``deploy_<model>`` DAG.
 """
@@ -14,7 +14,7 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from include.deployments_page.app import create_app
+from include.deployments.page.app import create_app
 
 URL_PREFIX = "/lora-deploy"
 _bearer = HTTPBearer(auto_error=False)

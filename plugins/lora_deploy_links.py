@@ -10,11 +10,11 @@ from typing import Any, ClassVar
 
 from airflow.plugins_manager import AirflowPlugin
 
-from operators.links import HFModelRepoLink, HFSpaceLink
+from operators.links.huggingface import HFModelRepoLink, HFSpaceLink
 
 
 class LoraDeployLinksPlugin(AirflowPlugin):
-    """Registers :class:`~operators.links.HFModelRepoLink` and :class:`~operators.links.HFSpaceLink`."""
+    """Registers the Hugging Face extra links (:mod:`operators.links.huggingface`): model repo and Space."""
 
     name = "lora_deploy_links"
     operator_extra_links: ClassVar[list[Any]] = [HFModelRepoLink(), HFSpaceLink()]

@@ -20,11 +20,11 @@ export AIRFLOW__API__BASE_URL="http://127.0.0.1:${AIRFLOW_PORT:-8080}"
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://127.0.0.1:${AIRFLOW_PORT:-8080}/execution/"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$VENV/bin:$PATH"   # standalone starts each component as `airflow <component>`
-"$VENV/bin/python" -c "from include.demo import prepare_demo; from pathlib import Path; import os; \
+"$VENV/bin/python" -c "from tests.fixtures.demo_inputs import prepare_demo; from pathlib import Path; import os; \
 prepare_demo(Path(os.environ['LORA_DEPLOY_HOME']))"
 "$VENV/bin/airflow" db migrate >/dev/null
 # settings.pools of the config (the demo declares none): created or resized before anything is scheduled.
-"$VENV/bin/python" -m include.pools | while IFS=$'\t' read -r name slots description; do
+"$VENV/bin/python" -m include.cli.pools | while IFS=$'\t' read -r name slots description; do
   "$VENV/bin/airflow" pools set "$name" "$slots" "$description" >/dev/null && echo "pool $name: $slots slots"
 done
 exec "$VENV/bin/airflow" standalone

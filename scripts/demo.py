@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the demo's inputs come from the generators in tests/fixtures
 STAGES = ("plan", "download", "merge", "convert", "quant_types", "quantize", "ggufs", "install", "smoke", "promote",
           "health", "rollback", "publish", "space_ready")
 
@@ -101,7 +103,7 @@ def main() -> int:
     configure_environment(home)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from include.demo import prepare_demo
+    from tests.fixtures.demo_inputs import prepare_demo
 
     started = time.monotonic()
     paths = prepare_demo(home)

@@ -37,16 +37,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def _model_cache() -> Path:
     """Generated models are cached across sessions, keyed by the generator's source."""
-    from include.hashing import sha256_file
+    from include.store.hashing import sha256_file
 
-    digest = "".join(sha256_file(ROOT / "include" / name)[:8] for name in ("tiny_model.py", "demo.py"))
+    fixtures = ROOT / "tests" / "fixtures"
+    digest = "".join(sha256_file(fixtures / name)[:8] for name in ("tiny_model.py", "demo_inputs.py"))
     return Path(os.environ.get("LORA_DEPLOY_CACHE", Path.home() / ".cache" / "lora-deploy")) / "test-models" / digest
 
 
 @pytest.fixture(scope="session")
 def demo_inputs():
     """The demo's base model and training box (two checkpoints), generated once and cached. Read-only."""
-    from include.demo import prepare_demo
+    from tests.fixtures.demo_inputs import prepare_demo
 
     return prepare_demo(_model_cache())
 

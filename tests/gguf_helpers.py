@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from include.gguf import convert_to_gguf, quantize_gguf
-from include.tiny_model import make_base_model
-from include.toolchain import pinned_toolchain
+from include.gguf.convert import convert_to_gguf
+from include.gguf.quantize import quantize_gguf
+from include.gguf.toolchain import pinned_toolchain
+from tests.fixtures.tiny_model import make_base_model
 
 METADATA = {"general.name": "tiny-deploy", "general.version": "v7", "general.author": "lora-deploy tests"}
 

@@ -144,7 +144,7 @@ def test_dockerfile_builds_on_airflow_332_with_a_portable_llama_cpp():
     assert "ARG AIRFLOW_IMAGE=apache/airflow:3.3.2-python3.11" in text
     assert "FROM ${AIRFLOW_IMAGE}" in text
     assert "-DGGML_NATIVE=OFF" in text and "march=native" not in text
-    assert "python -m include.toolchain ensure" in text
+    assert "python -m include.cli.toolchain ensure" in text
     assert "-c constraints.txt" in text and '".[distributed]"' in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "tests", ".env"} <= set(ignored)

@@ -12,7 +12,7 @@ interleaved per repeat, warm page cache; the median of the repeats counts:
 
 - ``raw``: ``convert_hf_to_gguf.py`` (pinned, its gguf-py on PYTHONPATH) to f16, then the quantizer the
   engine uses (the pinned ``llama-quantize``, or llama-cpp-python's ``llama_model_quantize`` without it);
-- ``engine``: ``include.gguf.convert_to_gguf`` + ``quantize_gguf`` + ``check_quant_used`` (read back, sha256);
+- ``engine``: ``include.gguf.convert.convert_to_gguf`` + ``quantize_gguf`` + ``check_quant_used`` (read back, sha256);
 - ``operators``: ``GGUFConvertOperator.execute`` + ``GGUFQuantizeOperator.execute`` with a minimal context
   (content-addressed store, disk preflight, pre-tokenizer hash, tokenizer comparison), fidelity off;
 - ``fused``: base + LoRA adapter -> f16 GGUF in one pass (bench/gguf/fused.py: the merge applied per
@@ -53,7 +53,7 @@ sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref
 
 def bench_model(quick: bool) -> tuple[Path, Path]:
     """The model directory to convert and a LoRA adapter for it: the tiny model (quick) or the 0.5B one."""
-    from include.tiny_model import make_base_model, make_lora_adapter
+    from tests.fixtures.tiny_model import make_base_model, make_lora_adapter
 
     tiny, tiny_lora = CACHE / "gguf-tiny", CACHE / "gguf-tiny-lora"
     if not (tiny / "config.json").is_file():
@@ -100,7 +100,7 @@ def _env() -> dict[str, str]:
 
 def raw_case(model: Path, out: Path, quant: str, scratch: Path) -> dict[str, float]:
     """The pinned converter and quantizer run by hand, no engine around them."""
-    from include.toolchain import pinned_toolchain
+    from include.gguf.toolchain import pinned_toolchain
 
     toolchain = pinned_toolchain()
     f16, q = out / "raw-f16.gguf", out / f"raw-{quant}.gguf"
@@ -122,8 +122,9 @@ def fused_case(model: Path, adapter: Path, out: Path, scratch: Path) -> dict[str
 
 def child_engine(model: Path, out: Path, quant: str) -> None:
     """Child process body of the ``engine`` case."""
-    from include.gguf import check_quant_used, convert_to_gguf, quantize_gguf
-    from include.toolchain import pinned_toolchain
+    from include.gguf.convert import convert_to_gguf
+    from include.gguf.quantize import check_quant_used, quantize_gguf
+    from include.gguf.toolchain import pinned_toolchain
 
     toolchain = pinned_toolchain()
     f16 = convert_to_gguf(model, out / "engine-f16.gguf", toolchain=toolchain, outtype="f16",
@@ -144,8 +145,8 @@ class _TaskInstance:
 
 def child_operators(model: Path, out: Path, quant: str) -> None:
     """Child process body of the ``operators`` case: both operators' ``execute`` with a minimal context."""
-    from include.hashing import sha256_file
-    from operators.gguf import GGUFConvertOperator, GGUFQuantizeOperator
+    from include.store.hashing import sha256_file
+    from operators.operators.gguf import GGUFConvertOperator, GGUFQuantizeOperator
 
     merged = {"path": str(model), "sha256": sha256_file(model / "config.json")}
     settings: dict[str, Any] = {"outtype": "f16", "check_tokenizer": True}
@@ -161,9 +162,10 @@ def child_operators(model: Path, out: Path, quant: str) -> None:
 
 def child_fidelity(model: Path, out: Path, quant: str) -> None:
     """The fidelity gate on the model (f16 and ``quant`` built first, untimed); prints figures as JSON."""
-    from include.fidelity import check_perplexity, compare_logits, fidelity_settings, max_ratio_for, perplexity
-    from include.gguf import convert_to_gguf, quantize_gguf
-    from include.toolchain import pinned_toolchain
+    from include.gguf.convert import convert_to_gguf
+    from include.gguf.fidelity import check_perplexity, compare_logits, fidelity_settings, max_ratio_for, perplexity
+    from include.gguf.quantize import quantize_gguf
+    from include.gguf.toolchain import pinned_toolchain
 
     f16, q = out / "fid-f16.gguf", out / f"fid-{quant}.gguf"
     convert_to_gguf(model, f16, toolchain=pinned_toolchain(), outtype="f16")

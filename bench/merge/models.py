@@ -1,6 +1,6 @@
 """Generate the benchmark's bf16 Llama bases (~0.5B, ~1.5B) and an r=16 all-linear LoRA for each, with numpy.
 
-Random weights written straight through :class:`include.merge_writer.ShardedWriter` (no torch, no
+Random weights written straight through :class:`include.merge.writer.ShardedWriter` (no torch, no
 transformers init), so a 1.5B model takes seconds. Cached under ``~/.cache/lora-deploy/bench-models``.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from include.merge_writer import ShardedWriter
-from include.safetensors_io import TensorSpec
+from include.merge.safetensors_io import TensorSpec
+from include.merge.writer import ShardedWriter
 
 CACHE = Path(os.environ.get("LORA_DEPLOY_CACHE", Path.home() / ".cache" / "lora-deploy")) / "bench-models"
 SIZES = {  # name -> (hidden, intermediate, layers, heads)

@@ -39,9 +39,11 @@ from pathlib import Path
 mode, dags = sys.argv[1], Path(sys.argv[2])
 started = time.perf_counter()
 if mode == "imports":
-    import include.config, include.quant_types, operators.download, operators.gguf, operators.gguf_asset  # noqa
-    import operators.health, operators.hf_space, operators.hf_space_sensor, operators.lmstudio  # noqa
-    import operators.merge, operators.notify, operators.plan, operators.promote  # noqa
+    import include.config.loader, include.gguf.quant_types  # noqa
+    import operators.operators.download, operators.operators.gguf, operators.operators.gguf_asset  # noqa
+    import operators.operators.hf_space, operators.operators.lmstudio, operators.operators.merge  # noqa
+    import operators.operators.plan, operators.operators.promote, operators.notifiers.slack  # noqa
+    import operators.sensors.health, operators.sensors.hf_space  # noqa
     count = 0
 elif mode == "module":
     count = sum(1 for v in runpy.run_path(str(dags / "deploy_models.py")).values()

@@ -73,7 +73,7 @@ def prepare(size: str, work: Path) -> tuple[Path, Path]:
 
 def run_script(sshd: Any, box: Path, base: Path, work: Path) -> dict[str, Any]:
     """The reference script, with per-step seconds, total wall and peak RSS."""
-    from include.toolchain import pinned_toolchain
+    from include.gguf.toolchain import pinned_toolchain
 
     tool = pinned_toolchain().tool("llama-quantize")  # the quantizer the engine runs, built from the same sources
     quantize_cmd = str(tool) if tool else f"{sys.executable} {ROOT / 'bench/pipeline/quantize.py'}"

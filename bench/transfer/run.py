@@ -56,7 +56,7 @@ def main() -> None:
 
 def run(server: Any, work: Path, sizes: list[int], reps: int, hook_reps: int) -> dict[str, Any]:
     """Measure every tool on every size, then the resume fraction."""
-    from include.transfer_ssh import CIPHERS, SSHEndpoint, ssh_command
+    from include.source.endpoint import CIPHERS, SSHEndpoint, ssh_command
 
     endpoint = SSHEndpoint(host="127.0.0.1", port=server.port, user=server.user, key_file=str(server.client_key),
                            host_key=server.host_key_line)
@@ -137,10 +137,10 @@ def _make_checkpoint(box: Path, size_mb: int) -> str:
 
 
 def _ours(endpoint: Any, box: Path, work: Path, method: str) -> tuple[float, float]:
-    from include.artifacts import ArtifactStore
-    from include.download import download_adapter
-    from include.sources import SSHSource
-    from include.transfer_ssh import connect
+    from include.source.download import download_adapter
+    from include.source.endpoint import connect
+    from include.source.ssh import SSHSource
+    from include.store.artifacts import ArtifactStore
 
     store_root = work / "store"
     shutil.rmtree(store_root, ignore_errors=True)
@@ -179,11 +179,11 @@ def _hook(remote: str, dest: Path, conn_id: str) -> float:
 
 def _resume(endpoint: Any, server: Any, work: Path, size_mb: int) -> dict[str, Any]:
     """Kill the session at half the file, resume, and compare re-sent with already-received bytes."""
-    from include.artifacts import ArtifactStore
-    from include.download import download_adapter
     from include.errors import TransientSourceError
-    from include.sources import SSHSource
-    from include.transfer_ssh import connect
+    from include.source.download import download_adapter
+    from include.source.endpoint import connect
+    from include.source.ssh import SSHSource
+    from include.store.artifacts import ArtifactStore
 
     box = work / "box-resume"
     _make_checkpoint(box, size_mb)

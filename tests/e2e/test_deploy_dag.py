@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from include.gguf_reader import inspect_gguf
-from include.hashing import sha256_file
+from include.gguf.reader import inspect_gguf
+from include.store.hashing import sha256_file
 from tests.e2e.helpers import run_deploy, write_config
 
 pytestmark = pytest.mark.e2e

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from include import ledger as L
+from include.lmstudio import ledger as L
 from plugins.lora_deploy_deployments import LoraDeployDeploymentsPlugin
 from tests.conftest import ROOT, SESSION_DIR
 from tests.e2e.airflow_services import AirflowServices, airflow_services, wait_for

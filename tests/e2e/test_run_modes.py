@@ -48,7 +48,7 @@ with DAG("gguf_consumer", schedule=[Asset(uri="lora-deploy://modes/gguf", name="
 @pytest.fixture(scope="module")
 def box(tmp_path_factory, demo_inputs) -> Path:
     """A training box with three adapters dated on three days (the third made with another seed)."""
-    from include.tiny_model import make_lora_adapter
+    from tests.fixtures.tiny_model import make_lora_adapter
 
     box = tmp_path_factory.mktemp("box")
     for name in ("checkpoint-10", "checkpoint-20"):

@@ -6,17 +6,17 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from include.errors import ConfigError, HealthError
-from operators._engine import as_bool, engine_errors
-from operators.download import VastAIDownloadOperator
-from operators.gguf import GGUFConvertOperator, GGUFQuantizeOperator
-from operators.gguf_asset import GGUFCollectOperator
-from operators.health import HealthCheckSensor
-from operators.hf_space import HFSpaceDeployOperator
-from operators.hf_space_sensor import HFSpaceRuntimeSensor
-from operators.lmstudio import LMStudioDeployOperator
-from operators.merge import MergeOperator
-from operators.plan import DeployPlanOperator
-from operators.promote import LMStudioPromoteOperator, LMStudioRollbackOperator
+from operators.common import as_bool, engine_errors
+from operators.operators.download import VastAIDownloadOperator
+from operators.operators.gguf import GGUFConvertOperator, GGUFQuantizeOperator
+from operators.operators.gguf_asset import GGUFCollectOperator
+from operators.operators.hf_space import HFSpaceDeployOperator
+from operators.operators.lmstudio import LMStudioDeployOperator
+from operators.operators.merge import MergeOperator
+from operators.operators.plan import DeployPlanOperator
+from operators.operators.promote import LMStudioPromoteOperator, LMStudioRollbackOperator
+from operators.sensors.health import HealthCheckSensor
+from operators.sensors.hf_space import HFSpaceRuntimeSensor
 
 NOWHERE = "/nonexistent/lora-deploy"
 

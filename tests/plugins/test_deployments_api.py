@@ -1,4 +1,4 @@
-"""The Deployments page's data and JSON API: a ledger seeded through include/ledger.py, the real plugin app,
+"""The Deployments page's data and JSON API: a ledger seeded through include/lmstudio/ledger.py, the real plugin app,
 Airflow's real auth (SimpleAuthManager JWTs) and a migrated metadata DB."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from include import deployments_view as view
-from include import ledger as L
-from include.config import load_config
-from include.deployments_page.app import create_app
+from include.config.loader import load_config
+from include.deployments import view as view
+from include.deployments.page.app import create_app
+from include.lmstudio import ledger as L
 
 MODEL = "demo"
 REPO, SPACE = "someone/demo-GGUF", "someone/demo-chat"

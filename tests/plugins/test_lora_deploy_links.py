@@ -25,7 +25,7 @@ def plugins_manager(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_plugin_loads_and_registers_both_links(plugins_manager):
-    from operators.links import HFModelRepoLink, HFSpaceLink
+    from operators.links.huggingface import HFModelRepoLink, HFSpaceLink
 
     names = {info["name"] for info in plugins_manager.get_plugin_info()}
     errors = {path: err for path, err in plugins_manager.get_import_errors().items() if "lora_deploy" in path}
@@ -39,8 +39,8 @@ def test_links_survive_serialization_of_a_dag(plugins_manager):
     from airflow.sdk import DAG
     from airflow.serialization.serialized_objects import DagSerialization
 
-    from operators.hf_space import HFSpaceDeployOperator
-    from operators.hf_space_sensor import HFSpaceRuntimeSensor
+    from operators.operators.hf_space import HFSpaceDeployOperator
+    from operators.sensors.hf_space import HFSpaceRuntimeSensor
 
     with DAG("links_roundtrip", schedule=None) as dag:
         publish = HFSpaceDeployOperator(task_id="publish", model="m", ggufs=[], adapter={}, settings=None)

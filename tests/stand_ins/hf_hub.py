@@ -16,16 +16,15 @@ import hashlib
 import json
 import re
 import secrets
-import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+from tests.stand_ins.hf_hub_http import HubHandler, Raw
 from tests.stand_ins.hf_hub_state import LFS_SIZE_THRESHOLD, Blob, HubError, HubState, Repo, now
 
 TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -87,7 +86,7 @@ class HubStandIn(HubState):
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def __enter__(self) -> Self:
-        handler = type("Handler", (_Handler,), {"hub": self})
+        handler = type("Handler", (HubHandler,), {"hub": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="hf-hub-stand-in",
@@ -123,19 +122,19 @@ class HubStandIn(HubState):
         return None
 
     # ---- helpers ----------------------------------------------------------------------------------------
-    def _repo(self, req: _Handler, m: dict, *, write: bool = False, repo_type: str | None = None) -> Repo:
+    def _repo(self, req: HubHandler, m: dict, *, write: bool = False, repo_type: str | None = None) -> Repo:
         kind = repo_type or TYPES[m.get("type") or m.get("prefix") or "models"]
         return self._find_repo(req.headers.get("Authorization", ""), kind, m["repo"], write=write)
 
     # ---- routes -----------------------------------------------------------------------------------------
-    def _whoami(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _whoami(self, req: HubHandler, m: dict, body: bytes) -> Any:
         role = self._auth(req.headers.get("Authorization", ""), write=False)
         if role is None:
             raise HubError(401, "Invalid credentials in Authorization header")
         return {"type": "user", "name": self.user, "orgs": [{"name": o} for o in self.orgs],
                 "auth": {"type": "access_token", "accessToken": {"displayName": "stand-in", "role": role}}}
 
-    def _create_repo(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _create_repo(self, req: HubHandler, m: dict, body: bytes) -> Any:
         self._auth(req.headers.get("Authorization", ""), write=True)
         data = json.loads(body)
         namespace = data.get("organization") or self.user
@@ -144,7 +143,7 @@ class HubStandIn(HubState):
         self._new_repo(namespace, data["name"], kind, data, url)
         return {"url": url, "name": repo_id, "id": secrets.token_hex(12)}
 
-    def _delete_repo(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _delete_repo(self, req: HubHandler, m: dict, body: bytes) -> Any:
         self._auth(req.headers.get("Authorization", ""), write=True)
         data = json.loads(body)
         key = (data.get("type") or "model", f"{data.get('organization') or self.user}/{data['name']}")
@@ -152,7 +151,7 @@ class HubStandIn(HubState):
             raise HubError(404, "Repository not found", "RepoNotFound")
         return {}
 
-    def _validate_yaml(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _validate_yaml(self, req: HubHandler, m: dict, body: bytes) -> Any:
         self._auth(req.headers.get("Authorization", ""))
         content = json.loads(body)["content"]
         match = re.match(r"^---\s*\n(.*?)\n---\s*\n", content, re.DOTALL)
@@ -176,7 +175,7 @@ class HubStandIn(HubState):
             raise HubError(400, "Invalid metadata in README.md", errors=errors)
         return {"errors": [], "warnings": []}
 
-    def _preupload(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _preupload(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True)
         tip = repo.resolve(unquote(m["rev"]))
         head = tip.files
@@ -192,7 +191,7 @@ class HubStandIn(HubState):
                            "oid": existing.oid if existing is not None else None})
         return {"files": result, "commitOid": tip.oid}
 
-    def _lfs_batch(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _lfs_batch(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True)
         data = json.loads(body)
         if data.get("operation") != "upload" or "basic" not in data.get("transfers", ["basic"]):
@@ -210,7 +209,7 @@ class HubStandIn(HubState):
             objects.append(entry)
         return {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}
 
-    def _lfs_put(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _lfs_put(self, req: HubHandler, m: dict, body: bytes) -> Any:
         query = parse_qs(urlsplit(req.path).query)
         if query.get("sig") != [self._sig]:
             raise HubError(403, "Request signature does not match")
@@ -219,7 +218,7 @@ class HubStandIn(HubState):
         self.lfs_objects[m["oid"]] = body
         return None
 
-    def _lfs_verify(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _lfs_verify(self, req: HubHandler, m: dict, body: bytes) -> Any:
         self._repo(req, m, write=True)
         data = json.loads(body)
         stored = self.lfs_objects.get(data["oid"])
@@ -227,7 +226,7 @@ class HubStandIn(HubState):
             raise HubError(404, f"LFS object {data['oid']} not found")
         return {}
 
-    def _commit(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _commit(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True)
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         if not lines or lines[0].get("key") != "header":
@@ -236,7 +235,7 @@ class HubStandIn(HubState):
         url = f"{self.url}/{URL_PREFIX[repo.repo_type]}{repo.repo_id}/commit/{commit.oid}"
         return {"success": True, "commitOid": commit.oid, "commitUrl": url, "hookOutput": ""}
 
-    def _create_tag(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _create_tag(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True)
         tag = json.loads(body)["tag"]
         if tag in repo.tags:
@@ -246,7 +245,7 @@ class HubStandIn(HubState):
         repo.tags[tag] = repo.resolve(unquote(m["rev"])).oid
         return {}
 
-    def _create_branch(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _create_branch(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True)
         branch = unquote(m["branch"])
         if branch in repo.branches:
@@ -257,7 +256,7 @@ class HubStandIn(HubState):
         repo.branches[branch] = repo.resolve(start).oid
         return {}
 
-    def _delete_branch(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _delete_branch(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True)
         branch = unquote(m["branch"])
         if branch == "main":
@@ -266,25 +265,25 @@ class HubStandIn(HubState):
             raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
         return {}
 
-    def _delete_tag(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _delete_tag(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True)
         if repo.tags.pop(unquote(m["tag"]), None) is None:
             raise HubError(404, f"Invalid rev id: {unquote(m['tag'])}", "RevisionNotFound")
         return {}
 
-    def _refs(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _refs(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m)
         branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": o} for b, o in repo.branches.items()]
         return {"branches": branches,
                 "converts": [], "pullRequests": [],
                 "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": o} for t, o in repo.tags.items()]}
 
-    def _list_commits(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _list_commits(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m)
         return [{"id": c.oid, "title": c.title, "message": c.message, "date": c.date,
                  "authors": [{"user": self.user}]} for c in repo.history(repo.resolve(unquote(m["rev"])))]
 
-    def _repo_info(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _repo_info(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m)
         commit = repo.resolve(unquote(m["rev"] or "main"))
         info = {"id": repo.repo_id, "_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24],
@@ -296,14 +295,14 @@ class HubStandIn(HubState):
                         host=f"{self.url}/spaces/{repo.repo_id}")
         return info
 
-    def _tree(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _tree(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m)
         commit = repo.resolve(unquote(m["rev"]))
         base = (m["path"] or "").strip("/")
         recursive = parse_qs(urlsplit(req.path).query).get("recursive", ["False"])[0].lower() == "true"
         return commit.tree(base, recursive)
 
-    def _space_kv_set(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _space_kv_set(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True, repo_type="space")
         data = json.loads(body)
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", data["key"]):
@@ -313,33 +312,33 @@ class HubStandIn(HubState):
         self._rebuild(repo)
         return self._space_kv_list(req, m, body) if m["kind"] == "variables" else None
 
-    def _space_kv_delete(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _space_kv_delete(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True, repo_type="space")
         getattr(repo, m["kind"]).pop(json.loads(body)["key"], None)
         self._rebuild(repo)
         return self._space_kv_list(req, m, body) if m["kind"] == "variables" else None
 
-    def _space_kv_list(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _space_kv_list(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True, repo_type="space")
         if m["kind"] == "secrets":  # secret values are write-only
             return {k: {"description": v["description"], "updatedAt": v["updatedAt"]} for k, v in repo.secrets.items()}
         return dict(repo.variables)
 
-    def _runtime(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _runtime(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, repo_type="space")
         answer = self._runtime_json(repo)
         if len(repo.stages) > 1:
             repo.stages.pop(0)
         return answer
 
-    def _restart(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _restart(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m, write=True, repo_type="space")
         repo.stages = list(self.space_build_stages)
         repo.error_message = self.space_error_message
         repo.restarts += 1
         return self._runtime_json(repo)
 
-    def _resolve(self, req: _Handler, m: dict, body: bytes) -> Any:
+    def _resolve(self, req: HubHandler, m: dict, body: bytes) -> Any:
         repo = self._repo(req, m)
         commit = repo.resolve(unquote(m["rev"]))
         blob = commit.files.get(unquote(m["path"]))
@@ -348,76 +347,4 @@ class HubStandIn(HubState):
         headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{blob.oid}"', "Content-Type": "application/octet-stream"}
         if blob.lfs:
             headers.update({"X-Linked-Etag": f'"{blob.oid}"', "X-Linked-Size": str(len(blob.content))})
-        return _Raw(blob.content, headers)
-
-
-@dataclass
-class _Raw:
-    """A non-JSON response body with extra headers."""
-
-    content: bytes
-    headers: dict[str, str]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Dispatches to the HubStandIn routes; records every request."""
-
-    protocol_version = "HTTP/1.1"
-    hub: HubStandIn
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle stalls
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-    def _dispatch(self) -> None:
-        path = urlsplit(self.path).path
-        body = self._body()
-        hub = self.hub
-        with hub.lock:
-            hub.requests.append((self.command, path))
-            route = next(((h, r.match(path)) for meth, r, h in hub.routes if meth == self.command and r.match(path)),
-                         None)
-            if route is None:
-                hub.unknown_routes.append((self.command, path))
-                status, payload, headers = 404, {"error": f"Sorry, we can't find the page {path}"}, {}
-            elif (fault := hub._fault_for(self.command, path)) is not None:
-                status, payload = fault["status"], {"error": fault["message"]}
-                headers = {"X-Error-Message": fault["message"], **fault["headers"]}
-            else:
-                handler, match = route
-                try:
-                    status, payload, headers = 200, handler(self, match.groupdict(), body), {}
-                except HubError as e:
-                    status, payload = e.status, {"error": e.message, **e.extra}
-                    headers = {"X-Error-Message": e.message, **({"X-Error-Code": e.code} if e.code else {})}
-        with hub.lock:
-            hub.responses.append((self.command, path, status))
-        if isinstance(payload, _Raw):
-            data, headers = payload.content, {**headers, **payload.headers}
-        else:
-            data = b"" if payload is None else json.dumps(payload).encode()
-            headers.setdefault("Content-Type", "application/json")
-        self.send_response(status)
-        for key, value in {**headers, "Content-Length": str(len(data)), "X-Request-Id": secrets.token_hex(6)}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _dispatch
+        return Raw(blob.content, headers)

@@ -1,0 +1,1 @@
+"""Every command-line entry point of the engine (``[project.scripts]`` points here)."""

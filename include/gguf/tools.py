@@ -1,0 +1,124 @@
+"""Running llama.cpp's tools: output streamed to the task log, results staged and renamed into place.
+
+Every output is written to a temp name in the target directory and renamed into place only after it was
+validated, so nothing half-written is ever seen under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from include.errors import GGUFError
+from include.gguf.reader import GGUFSummary, inspect_split
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+LOG_EVERY_S = 3.0  # progress lines are logged at INFO at most this often (all lines go to DEBUG)
+TAIL_LINES = 25
+
+
+@contextmanager
+def atomic_target(dst: Path) -> Iterator[Path]:
+    """Yield a temp path next to ``dst``; rename it onto ``dst`` on success, delete it on failure."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_outputs(dst: Path) -> Iterator[Path]:
+    """Yield ``TMPDIR/<dst name>`` for a tool that writes one file or split shards next to it.
+
+    On success every ``.gguf`` in the temp dir is validated by the caller and then moved next to ``dst``
+    (the first shard last-but-not-least: all shards are in place before the caller reports them).
+    The temp dir is removed in every case, so nothing half-written stays behind.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        yield work / dst.name
+        for produced in sorted(work.glob("*.gguf")):
+            os.chmod(produced, 0o644)
+            os.replace(produced, dst.parent / produced.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def first_output(dst: Path) -> Path:
+    """``dst`` itself, or the first shard ``<stem>-00001-of-N.gguf`` a split run wrote instead."""
+    if dst.is_file():
+        return dst
+    shards = sorted(dst.parent.glob(f"{glob.escape(dst.stem)}-00001-of-*.gguf"))
+    if not shards:
+        raise GGUFError(f"the tool reported success but wrote no {dst.name} (nor shards of it)",
+                        fix="read the tool output in the task log; check free disk space")
+    return shards[0]
+
+
+def run_tool(cmd: Sequence[str], *, what: str, env: dict[str, str] | None = None,
+             cwd: str | Path | None = None) -> tuple[int, list[str]]:
+    """Run an external llama.cpp tool with its output streamed to the task log; (returncode, last lines)."""
+    return run_streaming(cmd, env=env if env is not None else dict(os.environ), what=what, cwd=cwd)
+
+
+def run_streaming(cmd: Sequence[str], *, env: dict[str, str], what: str,
+                   cwd: str | Path | None = None) -> tuple[int, list[str]]:
+    """Run ``cmd``, logging its output lines (rate-limited at INFO), and return (returncode, last lines)."""
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    last_info = 0.0
+    log.info("%s: %s", what, " ".join(cmd))
+    started = time.monotonic()
+    # Same process group as the caller: whoever kills the task (Airflow timeout, Ctrl-C) kills the tool too.
+    with subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace", bufsize=1) as proc:
+        try:
+            for raw in proc.stdout or ():
+                line = raw.rstrip()
+                if not line:
+                    continue
+                tail.append(line)
+                now = time.monotonic()
+                loud = any(word in line for word in ("ERROR", "Error", "WARNING", "Traceback"))
+                if loud or now - last_info >= LOG_EVERY_S:
+                    log.info("%s [%.0fs] %s", what, now - started, line)
+                    last_info = now
+                else:
+                    log.debug("%s %s", what, line)
+        except BaseException:
+            proc.kill()  # the caller is going away (timeout, interrupt): do not leave the tool running
+            raise
+        returncode = proc.wait()
+    log.info("%s: exit code %d after %.1fs", what, returncode, time.monotonic() - started)
+    return returncode, list(tail)
+
+
+def final_summary(path: Path, staged: GGUFSummary) -> GGUFSummary:
+    """The summary of a renamed output, with the sha256 computed when it was staged."""
+    # The staged file was hashed when it was validated; a rename does not change bytes, so it is not read again.
+    final = dataclasses.replace(inspect_split(path, with_sha256=False), sha256=staged.sha256)
+    log.info("wrote %s: %d bytes, %d tensors, %.2f bits/weight, types %s", path, final.bytes, final.tensor_count,
+             final.bits_per_weight, final.fractions())
+    if final.tensor_count != staged.tensor_count:  # pragma: no cover - renaming cannot change the content
+        raise GGUFError(f"{str(path)!r} changed while being renamed", fix="retry the task")
+    return final

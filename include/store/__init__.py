@@ -1,0 +1,1 @@
+"""The artifact store: content-addressed stage outputs with manifests, hashing, file placement."""

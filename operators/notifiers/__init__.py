@@ -1,0 +1,1 @@
+"""Notifiers: Slack messages of deploy and rollback runs."""

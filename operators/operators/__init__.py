@@ -1,0 +1,1 @@
+"""Operators: one per deploy stage, thin and declarative over the engine in ``include/``."""

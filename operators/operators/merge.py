@@ -1,0 +1,100 @@
+"""MergeOperator: merge the downloaded LoRA adapter into the base model (streaming, tensor by tensor)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+
+from include.merge.base_model import fingerprint, resolve_base_model
+from include.store.artifacts import ArtifactStore
+from include.store.hashing import digest_of
+from operators.common import as_bool, engine_errors
+
+MERGE_ENGINE_VERSION = "2"  # 2: float64 merge math, DoRA/bias/embedding/modules_to_save
+
+
+class MergeOperator(BaseOperator):
+    """Merge an adapter (the download stage's record) into ``base_model``; reuse an identical earlier merge.
+
+    :param model: the model's name in config/models.yaml.
+    :param adapter: the download record (``path``, ``sha256``, ``version``). (templated)
+    :param base_model: a local model directory or a Hugging Face repo id in the local cache. (templated)
+    :param artifact_root: root of the artifact store. (templated)
+    :param dtype: output dtype: auto, float32, float16 or bfloat16.
+    :param backend: streaming (default: exact, constant memory), fused, peft, unsloth (CUDA only) or auto.
+    :param max_shard_mb: largest output shard.
+    :param force: merge again even if this merge exists. (templated)
+
+    With ``backend="fused"`` nothing is merged here: the adapter is validated against the base and the record
+    points the convert stage at the base (``path``) and the adapter (``fused_adapter``), which it merges inside
+    the conversion; ``sha256`` is then the digest of the merge's inputs (it names the merged content).
+
+    Returns ``{"path", "key", "sha256", "bytes", "dtype", "adapter_version", "base_model", "reused"}``
+    (+ ``fused_adapter``).
+    """
+
+    template_fields: Sequence[str] = ("adapter", "base_model", "artifact_root", "force")
+    ui_color = "#ede7f6"
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        adapter: Any,
+        base_model: str,
+        artifact_root: str,
+        dtype: str = "auto",
+        backend: str = "streaming",
+        max_shard_mb: int = 2048,
+        force: bool | str = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.adapter = adapter
+        self.base_model = base_model
+        self.artifact_root = artifact_root
+        self.dtype = dtype
+        self.backend = backend
+        self.max_shard_mb = max_shard_mb
+        self.force = force
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Validate, merge into a temp dir of the store, return the record."""
+        from include.merge.backends import choose_backend, merge_model
+
+        with engine_errors(self.model):
+            base_dir = resolve_base_model(self.base_model)
+            adapter_dir = Path(self.adapter["path"])
+            if self.backend == "fused":
+                return self._fused(base_dir, adapter_dir)
+            backend = choose_backend(self.backend, adapter_dir)
+            inputs = {"adapter": self.adapter["sha256"], "base": fingerprint(base_dir), "dtype": self.dtype,
+                      "max_shard_mb": self.max_shard_mb, "engine": f"{backend}-{MERGE_ENGINE_VERSION}"}
+
+            def produce(tmp: Path) -> dict[str, Any]:
+                return merge_model(base_dir, adapter_dir, tmp, backend=backend, dtype=self.dtype,
+                                   expected_base=self.base_model, max_shard_bytes=self.max_shard_mb * 1024 * 1024)
+
+            result = ArtifactStore(self.artifact_root).build(self.model, "merged", inputs, produce,
+                                                             force=as_bool(self.force))
+        return result.record(dtype=result.manifest.get("dtype", self.dtype), adapter_version=self.adapter["version"],
+                             base_model=self.base_model, backend=result.manifest.get("backend", backend))
+
+    def _fused(self, base_dir: Path, adapter_dir: Path) -> dict[str, Any]:
+        """Backend ``fused``: validate now, merge later inside the conversion; nothing is written here."""
+        from include.merge.fused import check_fusable
+
+        adapter, base = check_fusable(base_dir, adapter_dir, expected_base=self.base_model)
+        inputs = {"adapter": self.adapter["sha256"], "base": fingerprint(base_dir), "dtype": "auto",
+                  "engine": f"fused-{MERGE_ENGINE_VERSION}"}
+        key = digest_of(inputs, length=64)
+        self.log.info("fused merge: %d tensors of %s (%s) will be merged inside the conversion; no merged model is "
+                      "written", len(adapter.edits), base_dir, ", ".join(adapter.features))
+        dtypes = {info.dtype for info in base.values()}
+        return {"path": str(base_dir), "fused_adapter": str(adapter_dir), "key": key, "sha256": key, "bytes": 0,
+                "dtype": dtypes.pop() if len(dtypes) == 1 else "auto", "adapter_version": self.adapter["version"],
+                "base_model": self.base_model, "backend": "fused", "reused": False}

@@ -1,0 +1,233 @@
+"""DeployPlanOperator: resolve the adapter, check connections and disk, log the plan; stop early when asked to."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.standard.utils.skipmixin import SkipMixin
+from airflow.sdk import BaseHook, BaseOperator, Context
+
+from include.errors import ConfigError
+from include.gguf.quant_types import QUANT_TYPES
+from include.plan import DeployPlan, check_targets, count_parameters, disk_check, estimate_outputs, require_space
+from include.source.download import select_checkpoint
+from operators.common import as_bool, engine_errors
+from operators.hooks.training_box import SourceOpener
+from operators.operators.download import dated_selection
+
+# Runs that nobody started by hand: when their adapter is already deployed they end at once.
+UNATTENDED_RUN_TYPES = ("scheduled", "backfill", "asset_triggered")
+# Ledger statuses of a version that was deployed (a failed or pruned one may be deployed again).
+DEPLOYED_STATUSES = ("current", "installed", "retired")
+
+
+class DeployPlanOperator(BaseOperator, SkipMixin):
+    """The first task of a deploy run: decide what the run does before anything is written.
+
+    It selects the adapter version (the run's ``adapter_version``; else the newest asset event's
+    ``extra.adapter_version``; else, for scheduled and backfill runs, the newest checkpoint not newer than
+    the data interval end; else the newest), checks the connections the run needs, estimates every output's
+    size and checks free disk space, reads the deployments ledger, and logs the plan. Then:
+
+    * ``dry_run``: the plan is the result; every later task is skipped (nothing is written).
+    * an unattended run (scheduled, backfill, asset) whose adapter is already deployed: skipped likewise,
+      with one log line saying so, unless ``force``.
+    * targets not asked for (``lmstudio``, ``huggingface``): their tasks are skipped.
+
+    :param model: the model's name in config/models.yaml.
+    :param artifact_root: root of the artifact store. (templated)
+    :param source: the model's ``source`` config as a dict.
+    :param base_model: the base model directory or repo id.
+    :param merge_dtype: the merge's output dtype (``auto`` keeps the base's; ``fused``: nothing merged is written).
+    :param outtype: the converter's full-precision type (f16, bf16, f32).
+    :param lmstudio_dir: LM Studio's models directory, or None when it is discovered at install time.
+    :param hf: the model's ``hf`` config as a dict, or None.
+    :param slack_conn_id: the Slack webhook connection (a missing one is a warning, not an error).
+    :param target_tasks: task ids per target, skipped when the run leaves the target out.
+    :param adapter_version: a checkpoint name, or empty to select one. (templated)
+    :param instance_id: a Vast.ai instance id overriding the configured one, or empty. (templated)
+    :param quant_types: the llama.cpp types to produce. (templated)
+    :param targets: ``lmstudio`` and/or ``huggingface``. (templated)
+    :param force: deploy even if the adapter is already deployed (and redo cached stages). (templated)
+    :param promote: the run asks to make its version current even if older. (templated)
+    :param dry_run: plan only; skip every later task. (templated)
+
+    Returns the plan record (:meth:`include.plan.DeployPlan.as_record`).
+    """
+
+    template_fields: Sequence[str] = ("artifact_root", "adapter_version", "instance_id", "quant_types", "targets",
+                                      "force", "promote", "dry_run")
+    ui_color = "#eceff1"
+
+    def __init__(self, *, model: str, artifact_root: str, source: dict[str, Any], base_model: str,
+                 merge_dtype: str = "auto", outtype: str = "f16", lmstudio_dir: str | None = None,
+                 hf: dict[str, Any] | None = None, slack_conn_id: str | None = None,
+                 target_tasks: dict[str, list[str]] | None = None, adapter_version: Any = None,
+                 instance_id: Any = None, quant_types: Any = (), targets: Any = ("lmstudio", "huggingface"),
+                 force: Any = False, promote: Any = False, dry_run: Any = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.artifact_root = artifact_root
+        self.source = source
+        self.base_model = base_model
+        self.merge_dtype = merge_dtype
+        self.outtype = outtype
+        self.lmstudio_dir = lmstudio_dir
+        self.hf = hf
+        self.slack_conn_id = slack_conn_id
+        self.target_tasks = target_tasks or {}
+        self.adapter_version = adapter_version
+        self.instance_id = instance_id
+        self.quant_types = quant_types
+        self.targets = targets
+        self.force = force
+        self.promote = promote
+        self.dry_run = dry_run
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Build and log the plan; skip what the run should not do."""
+        with engine_errors(self.model):
+            plan = self.build_plan(context)
+        self.log.info("%s", plan.text())
+        record = plan.as_record()
+        skip = self._tasks_to_skip(plan, context)
+        if skip:
+            context["ti"].xcom_push(key="return_value", value=record)
+            self.skip(ti=context["ti"], tasks=skip)
+        return record
+
+    def build_plan(self, context: Context) -> DeployPlan:
+        """Select the checkpoint, check connections and space; nothing is written."""
+        targets = check_targets(list(self.targets or ()), has_hf=bool(self.hf))
+        quant_types = self._quant_types()
+        self._check_connections(targets)
+        event = self._newest_event(context)
+        requested, selected_by = str(self.adapter_version or "").strip() or None, "conf"
+        if not requested and event.get("adapter_version"):
+            requested, selected_by = str(event["adapter_version"]), "asset event"
+        instance_id = str(self.instance_id or "").strip() or str(event.get("instance_id") or "").strip() or None
+        not_after = None if requested else dated_selection(context)
+        opener = SourceOpener.from_config(self.source, instance_id=instance_id)
+        with opener.open() as source:
+            checkpoint = select_checkpoint(source.list_checkpoints(), requested, where=source.description,
+                                           not_after=not_after)
+            where = source.description
+        if not requested:
+            selected_by = "data_interval_end" if not_after is not None else "newest"
+        from include.merge.base_model import resolve_base_model
+
+        parameters, base_bytes = count_parameters(resolve_base_model(self.base_model))
+        outputs = estimate_outputs(parameters, base_bytes, self.merge_dtype, self.outtype, quant_types)
+        current, deployed = self._ledger()
+        plan = DeployPlan(
+            model=self.model, version=checkpoint.name, adapter_time=_iso(checkpoint.mtime), selected_by=selected_by,
+            source=where, base_model=self.base_model, parameters=parameters,
+            merge_dtype=self.merge_dtype, quant_types=quant_types, targets=targets, outputs=outputs,
+            lmstudio_dir=self.lmstudio_dir, hf_repo=(self.hf or {}).get("repo_id"),
+            hf_space=(self.hf or {}).get("space_id"), current_version=current,
+            already_deployed=checkpoint.name in deployed, dry_run=as_bool(self.dry_run),
+            promote=as_bool(self.promote), instance_id=opener.instance_id)
+        plan.disk.append(disk_check(Path(self.artifact_root), sum(o["bytes"] for o in outputs)))
+        if "lmstudio" in targets and self.lmstudio_dir:
+            quants = sum(o["bytes"] for o in outputs if o["name"] in quant_types)
+            if _same_filesystem(Path(self.lmstudio_dir), Path(self.artifact_root)):
+                quants = 0  # installs are hard links into the artifact store
+            plan.disk.append(disk_check(Path(self.lmstudio_dir), quants))
+        if self.hf is None and "huggingface" in list(self.targets or ()):
+            plan.warnings.append("the model has no `hf` section: nothing is published")
+        if not plan.dry_run:
+            require_space(plan)
+        return plan
+
+    def _quant_types(self) -> list[str]:
+        requested = self.quant_types if isinstance(self.quant_types, (list, tuple)) else [self.quant_types]
+        types = [str(t).strip().upper() for t in requested if str(t).strip()]
+        unknown = [t for t in types if t not in QUANT_TYPES]
+        if unknown or not types:
+            raise ConfigError(f"quant_types {unknown or types!r} are not llama.cpp quantization types",
+                              fix=f"use names from {list(QUANT_TYPES)}")
+        return list(dict.fromkeys(types))
+
+    @staticmethod
+    def _newest_event(context: Context) -> dict[str, Any]:
+        """The ``extra`` of the newest triggering asset event (a training job's adapter_version, instance_id)."""
+        newest = None
+        for asset_events in (context.get("triggering_asset_events") or {}).values():
+            for event in asset_events:
+                if newest is None or event.timestamp > newest.timestamp:
+                    newest = event
+        return dict(getattr(newest, "extra", None) or {})
+
+    def _check_connections(self, targets: list[str]) -> None:
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        needed: list[tuple[str, str, str | None]] = []  # (conn_id, config field, env var that may stand in)
+        if self.source.get("ssh_conn_id"):
+            needed.append((self.source["ssh_conn_id"], "source.ssh_conn_id", None))
+        if self.source.get("kind") == "vastai":
+            needed.append((self.source.get("vastai_conn_id") or "vastai_default", "source.vastai_conn_id",
+                           "VAST_API_KEY"))
+        if "huggingface" in targets and self.hf:
+            needed.append((self.hf.get("conn_id") or "huggingface_default", "hf.conn_id", "HF_TOKEN"))
+        for conn_id, where, env in needed:
+            if env and os.environ.get(env):
+                continue
+            try:
+                BaseHook.get_connection(conn_id)
+            except AirflowNotFoundException:
+                raise ConfigError(
+                    f"connection {conn_id!r} (models.{self.model}.{where}) does not exist",
+                    fix=f"create it in Admin > Connections or as AIRFLOW_CONN_{conn_id.upper()}"
+                        + (f", or set {env}" if env else "")) from None
+        if self.slack_conn_id:
+            try:
+                BaseHook.get_connection(self.slack_conn_id)
+            except AirflowNotFoundException:
+                self.log.warning("no Slack connection %r: this run's result will not be posted", self.slack_conn_id)
+
+    def _ledger(self) -> tuple[str | None, set[str]]:
+        """(current version, versions deployed before) from the model's deployments ledger, if any."""
+        from include.errors import InstallError
+        from include.lmstudio.ledger import read_ledger
+
+        try:
+            ledger = read_ledger(self.artifact_root, self.model)
+        except InstallError as err:
+            self.log.warning("%s: treating nothing as deployed", err)
+            return None, set()
+        deployed = {v for v, item in ledger["versions"].items() if item.get("status") in DEPLOYED_STATUSES}
+        return ledger["current"], deployed
+
+    def _tasks_to_skip(self, plan: DeployPlan, context: Context) -> list[Any]:
+        task = context["task"]
+        everything = [t for t in task.get_flat_relatives(upstream=False) if not t.is_teardown]
+        if plan.dry_run:
+            self.log.info("dry run: the plan above is all this run does")
+            return everything
+        run_type = str(getattr(getattr(context.get("dag_run"), "run_type", None), "value", ""))
+        if plan.already_deployed and run_type in UNATTENDED_RUN_TYPES and not as_bool(self.force):
+            self.log.info("adapter %s of %s is already deployed: nothing to do (trigger with force=true to deploy "
+                          "it again)", plan.version, self.model)
+            return everything
+        left_out = {tid for target, ids in self.target_tasks.items() if target not in plan.targets for tid in ids}
+        if left_out:
+            self.log.info("targets %s: skipping %s", plan.targets, sorted(left_out))
+        return [t for t in everything if t.task_id in left_out]
+
+
+def _iso(timestamp: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+def _same_filesystem(a: Path, b: Path) -> bool:
+    def device(path: Path) -> int:
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return path.stat().st_dev
+
+    return device(a) == device(b)

@@ -1,0 +1,1 @@
+"""Sensors: the health checks of a served model and the Hugging Face Space runtime."""

@@ -1,0 +1,1 @@
+"""Triggers: the async waits of the deferrable sensors (run in the triggerer)."""
