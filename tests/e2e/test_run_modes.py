@@ -101,7 +101,7 @@ def create_backfill(airflow, start: str, end: str) -> None:
     """``airflow backfill create`` as a user runs it. SQLite may refuse the CLI's write while the scheduler
     holds the lock ("database is locked"): then it is run again, unless the backfill exists by then."""
     errors = []
-    for _ in range(3):
+    for attempt in range(6):
         created = subprocess.run([sys.executable, "-m", "airflow", "backfill", "create", "--dag-id", DAG_ID,
                                   "--from-date", start, "--to-date", end], env=airflow.env, capture_output=True,
                                  text=True)
@@ -110,8 +110,8 @@ def create_backfill(airflow, start: str, end: str) -> None:
         errors.append(created.stderr[-1500:])
         if airflow.api("GET", "/backfills", params={"dag_id": DAG_ID}).json().get("total_entries"):
             return
-        time.sleep(2)
-    raise AssertionError("airflow backfill create failed 3 times:\n" + "\n---\n".join(errors))
+        time.sleep(2 + 2 * attempt)  # the scheduler's write transactions are short: back off and try again
+    raise AssertionError("airflow backfill create failed 6 times:\n" + "\n---\n".join(errors))
 
 
 def task_states(airflow, run_id: str) -> dict[str, str]:

@@ -53,7 +53,7 @@ def test_links_survive_serialization_of_a_dag(plugins_manager):
 
 
 def test_links_only_accept_http_urls_from_the_record():
-    from operators import links
+    from operators.links import huggingface as links
 
     assert links._https("https://huggingface.co/acme/m") == "https://huggingface.co/acme/m"
     assert links._https("javascript:alert(1)") == "" and links._https(None) == ""

@@ -34,7 +34,7 @@ from include.gguf.quantize import quantize_gguf
 from include.gguf.toolchain import pinned_toolchain
 from include.merge.streaming import merge_lora
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 QUANTS = ("Q8_0", "Q4_K_M", "Q2_K")
 
 # Rewrites one tensor's data in place through the pinned gguf-py (memory-mapped read/write).

@@ -145,7 +145,7 @@ def test_inspect_cli_prints_json(gguf_root: Path) -> None:
 
     path = tiny_gguf(gguf_root, "f16")
     out = subprocess.run([sys.executable, "-m", "include.cli.gguf", "inspect", str(path)], capture_output=True,
-                         text=True, check=True, cwd=Path(__file__).resolve().parents[2]).stdout
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[3]).stdout
     assert json.loads(out)["sha256"] == sha256_file(path)
 
 

@@ -177,7 +177,7 @@ def test_write_failure_mid_install_removes_what_it_created(tmp_path: Path) -> No
                 f"try:\n    install_version({records!r}, target=__import__('pathlib').Path({str(target)!r}), "
                 f"model='m', version='v1')\nexcept InstallError as e:\n    print(e); sys.exit(3)")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                                cwd=Path(__file__).resolve().parents[2])
+                                cwd=Path(__file__).resolve().parents[3])
         assert result.returncode == 3, result.stderr
         assert "cannot install" in result.stdout and "m-v1-Q4_K_M.gguf" in result.stdout
         assert list(target.iterdir()) == [], "the first quant or a temp file was left behind"

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from include.merge.safetensors_io import INDEX_FILE, TensorSpec, list_model_tensors, read_tensor
 from include.merge.streaming import merge_lora
 from include.merge.writer import ShardedWriter
-from tests.include.test_merge_oracle import ADAPTERS, build_models, peft_merged
-from tests.include.test_safetensors_io import load_all
+from tests.include.merge.test_merge_oracle import ADAPTERS, build_models, peft_merged
+from tests.include.merge.test_safetensors_io import load_all
 
 
 @pytest.fixture(scope="session")

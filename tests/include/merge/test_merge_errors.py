@@ -23,10 +23,10 @@ from include.merge.backends import choose_backend, cuda_status, merge_model
 from include.merge.base_model import resolve_base_model
 from include.merge.safetensors_io import INDEX_FILE
 from include.merge.streaming import merge_lora
-from tests.include.test_merge_oracle import build_models
-from tests.include.test_safetensors_io import load_all
+from tests.include.merge.test_merge_oracle import build_models
+from tests.include.merge.test_safetensors_io import load_all
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
 
 
@@ -179,7 +179,7 @@ def test_progress_lines(models: dict[str, Path], tmp_path: Path, monkeypatch: py
 def test_cli_runs_without_torch(models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "merged"
     code = (
-        "import sys, json; from include.merge.streaming import main; "
+        "import sys, json; from include.cli.merge import main; "
         f"rc = main(['--base', {str(models['llama32'])!r}, '--adapter', {str(models['dora'])!r}, "
         f"'--out', {str(out)!r}, '--dtype', 'bfloat16', '--max-shard-size', '2MB']); "
         "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
@@ -198,7 +198,7 @@ def test_cli_runs_without_torch(models: dict[str, Path], tmp_path: Path) -> None
 SLOW_MERGE = """
 import sys, time
 import include.merge.streaming, include.merge.arithmetic
-from include.merge.streaming import main
+from include.cli.merge import main
 include.merge.arithmetic.BLOCK_BYTES = 8192
 real = include.merge.streaming.output_jobs
 def slow(*args):

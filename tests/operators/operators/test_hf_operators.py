@@ -13,7 +13,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException, T
 
 from include.store.hashing import sha256_file
 from operators.triggers.hf_space import HFSpaceRuntimeTrigger
-from tests.operators.test_lmstudio_operators import register
+from tests.operators.operators.test_lmstudio_operators import register
 
 MODEL = "majora"
 T1, T2 = "2026-11-01T03:00:00+00:00", "2026-11-02T03:00:00+00:00"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from include.trigger.client import _parser, _payload
+from include.cli.trigger import _parser, _payload
 
 
 def test_run_flags_become_conf():
