@@ -4,6 +4,7 @@
 
     plan -> download -> merge -> convert -> quantize[one per type] -> ggufs -> install -> smoke -> promote
          -> health -> publish -> space_ready                       (rollback runs when promote/health fail)
+    -> retention (a teardown: frees the artifact store of what the ledger no longer keeps, however the run went)
 
 Each task is a retried stage passing small JSON records through XCom; Slack hears about success and
 failure. ``plan`` resolves the adapter version and stops dry runs and unattended runs whose adapter is
@@ -40,6 +41,7 @@ from operators.operators.lmstudio import LMStudioDeployOperator
 from operators.operators.merge import MergeOperator
 from operators.operators.plan import DeployPlanOperator
 from operators.operators.promote import LMStudioPromoteOperator, LMStudioRollbackOperator
+from operators.operators.retention import StoreRetentionOperator
 from operators.sensors.health import HealthCheckSensor
 from operators.sensors.hf_space import HFSpaceRuntimeSensor
 
@@ -143,9 +145,7 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
     """The deploy DAG of one model."""
     root = settings.artifact_root
     force = "{{ params.force }}"
-    lmstudio = model.lmstudio.model_dump(mode="json")
-    health_settings = {**lmstudio, **model.health.model_dump(mode="json")}  # the live check needs both
-    hf = model.hf.model_dump(mode="json") if model.hf else None
+    health_settings = {"lmstudio": model.lmstudio, "health": model.health}  # the live check needs both
     with DAG(
         dag_id=model.dag_id,
         description=model.description or f"Deploy the LoRA adapter of {model.name}",
@@ -163,10 +163,9 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
     ) as dag:
         source = model.source
         plan = DeployPlanOperator(
-            task_id="plan", model=model.name, artifact_root=root, source=source.model_dump(mode="json"),
-            base_model=model.base_model, outtype=model.quantize.outtype,
-            merge_dtype="fused" if model.merge.backend == "fused" else model.merge.dtype,
-            lmstudio_dir=model.lmstudio.models_dir, hf=hf, slack_conn_id=model.notify.slack_conn_id,
+            task_id="plan", model=model.name, artifact_root=root, source=source, base_model=model.base_model,
+            merge=model.merge, quantize=model.quantize, lmstudio_dir=model.lmstudio.models_dir, hf=model.hf,
+            slack_conn_id=model.notify.slack_conn_id,
             target_tasks={"lmstudio": LMSTUDIO_TASKS, "huggingface": HF_TASKS},
             adapter_version="{{ params.adapter_version or '' }}", instance_id="{{ params.instance_id or '' }}",
             quant_types="{{ params.quant_types }}", targets="{{ params.targets }}", force=force,
@@ -177,9 +176,8 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
             source_path=getattr(source, "path", None), ssh_conn_id=getattr(source, "ssh_conn_id", None),
             remote_dir=getattr(source, "remote_dir", None), checkpoint_glob=source.checkpoint_glob,
             instance_id="{{ ti.xcom_pull(task_ids='plan')['instance_id'] or '' }}",
-            vastai_conn_id=getattr(source, "vastai_conn_id", "vastai_default"),
-            vastai_api_url=getattr(source, "api_url", None), transfer=getattr(source, "transfer", "auto"),
-            verify_host_key=getattr(source, "verify_host_key", True),
+            vastai_conn_id=getattr(source, "vastai_conn_id", None), vastai_api_url=getattr(source, "api_url", None),
+            transfer=getattr(source, "transfer", None), verify_host_key=getattr(source, "verify_host_key", None),
             adapter_version="{{ ti.xcom_pull(task_ids='plan')['version'] }}", force=force,
             **stage_args(model, "download"),
         )
@@ -189,18 +187,18 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
             artifact_root=root, backend=model.merge.backend, dtype=model.merge.dtype,
             max_shard_mb=model.merge.max_shard_mb, force=force, **stage_args(model, "merge"), **heavy_args(model),
         )
-        quantize_settings = model.quantize.model_dump(mode="json")
-        fidelity = model.fidelity.model_dump(mode="json")
         toolchain = {"llama_cpp_dir": settings.llama_cpp_dir, "llama_cpp_bin_dir": settings.llama_cpp_bin_dir}
         convert = GGUFConvertOperator(
             task_id="convert", model=model.name, merged=merge.output, adapter=download.output,
             quant_types="{{ ti.xcom_pull(task_ids='plan')['quant_types'] }}", artifact_root=root,
-            settings=quantize_settings, fidelity=fidelity, force=force, **toolchain, **stage_args(model, "quantize"),
+            settings=model.quantize, fidelity=model.fidelity, force=force, **toolchain, **stage_args(model, "quantize"),
             **heavy_args(model),
         )
         quantize = GGUFQuantizeOperator.partial(
             task_id="quantize", model=model.name, converted=convert.output, artifact_root=root,
-            settings=quantize_settings, fidelity=fidelity, force=force, map_index_template="{{ task.quant_type }}",
+            # partial() arguments are serialized with the DAG: the sections go as JSON (the operator validates them)
+            settings=model.quantize.model_dump(mode="json"), fidelity=model.fidelity.model_dump(mode="json"),
+            force=force, map_index_template="{{ task.quant_type }}",
             max_active_tis_per_dagrun=model.quantize.max_parallel,
             **toolchain, **stage_args(model, "quantize"), **heavy_args(model),
         ).expand(quant_type=quant_types_of(convert, **stage_args(model, "quantize")))
@@ -208,44 +206,50 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
                                     quantized=quantize.output, adapter=download.output, **stage_args(model, "quantize"))
         install = LMStudioDeployOperator(
             task_id="install", model=model.name, ggufs=ggufs.output, adapter=download.output, artifact_root=root,
-            settings=lmstudio, **stage_args(model, "install"),
+            settings=model.lmstudio, **stage_args(model, "install"),
         )
         smoke = HealthCheckSensor(
             task_id="smoke", model=model.name, installed=install.output, phase="smoke", settings=health_settings,
             artifact_root=root, **stage_args(model, "health"), **heavy_args(model, queue=False),
         )
         promote = LMStudioPromoteOperator(
-            task_id="promote", model=model.name, installed=install.output, artifact_root=root, settings=lmstudio,
-            promote="{{ params.promote }}", **stage_args(model, "install"),
+            task_id="promote", model=model.name, installed=install.output, artifact_root=root,
+            settings=model.lmstudio, promote="{{ params.promote }}", **stage_args(model, "install"),
         )
         smoke >> promote
         health = HealthCheckSensor(
             task_id="health", model=model.name, installed=install.output, phase="live", settings=health_settings,
-            artifact_root=root, promoted=promote.output, deferrable=model.health.deferrable,
+            artifact_root=root, promoted=promote.output,
             **stage_args(model, "health"),
         )
         rollback = LMStudioRollbackOperator(
-            task_id="rollback", model=model.name, artifact_root=root, settings=lmstudio, promoted=promote.output,
-            trigger_rule="one_failed", **stage_args(model, "install"),
+            task_id="rollback", model=model.name, artifact_root=root, settings=model.lmstudio,
+            promoted=promote.output, trigger_rule="one_failed", **stage_args(model, "install"),
         )
         health >> rollback
         publish = HFSpaceDeployOperator(
-            task_id="publish", model=model.name, ggufs=ggufs.output, adapter=download.output, settings=hf,
+            task_id="publish", model=model.name, ggufs=ggufs.output, adapter=download.output, settings=model.hf,
             base_model=model.base_model, health=smoke.output, converted=convert.output,
             trigger_rule="none_failed_min_one_success", **stage_args(model, "publish"),
         )
         health >> publish
         HFSpaceRuntimeSensor(
-            task_id="space_ready", model=model.name, published=publish.output, settings=hf,
-            deferrable=bool(hf and hf.get("deferrable")), **stage_args(model, "publish"),
+            task_id="space_ready", model=model.name, published=publish.output, settings=model.hf,
+            **stage_args(model, "publish"),
         )
+        leaves = [task for task in dag.tasks if not task.downstream_list]
+        leaves >> StoreRetentionOperator(  # a teardown: it runs however the run went, and never decides its state
+            task_id="retention", model=model.name, artifact_root=root, settings=model.retention,
+            keep_versions=model.lmstudio.keep_versions, plan="{{ ti.xcom_pull(task_ids='plan') }}",
+            installed="{{ ti.xcom_pull(task_ids='install') }}", published="{{ ti.xcom_pull(task_ids='publish') }}",
+            dry_run="{{ params.dry_run }}", **stage_args(model, "default"),
+        ).as_teardown()
     return dag
 
 
 def build_rollback_dag(model: ModelConfig, settings: Settings) -> DAG:
     """``rollback_<model>``: make an installed version LM Studio's current one, health-check it, undo on failure."""
     root = settings.artifact_root
-    lmstudio = model.lmstudio.model_dump(mode="json")
     with DAG(
         dag_id=f"rollback_{model.name}",
         description=f"Make an installed version of {model.name} current in LM Studio (rollback or promote)",
@@ -263,17 +267,17 @@ def build_rollback_dag(model: ModelConfig, settings: Settings) -> DAG:
         on_failure_callback=slack_callback(model=model.name, conn_id=model.notify.slack_conn_id, success=False),
     ) as dag:
         promote = LMStudioPromoteOperator(
-            task_id="promote", model=model.name, artifact_root=root, settings=lmstudio,
+            task_id="promote", model=model.name, artifact_root=root, settings=model.lmstudio,
             version="{{ params.version }}", promote=True, **stage_args(model, "install"),
         )
         health = HealthCheckSensor(
             task_id="health", model=model.name, installed=promote.output, phase="live", promoted=promote.output,
-            settings={**lmstudio, **model.health.model_dump(mode="json")}, artifact_root=root,
-            deferrable=model.health.deferrable, **stage_args(model, "health"),
+            settings={"lmstudio": model.lmstudio, "health": model.health}, artifact_root=root,
+            **stage_args(model, "health"),
         )
         rollback = LMStudioRollbackOperator(
-            task_id="rollback", model=model.name, artifact_root=root, settings=lmstudio, promoted=promote.output,
-            trigger_rule="one_failed", **stage_args(model, "install"),
+            task_id="rollback", model=model.name, artifact_root=root, settings=model.lmstudio,
+            promoted=promote.output, trigger_rule="one_failed", **stage_args(model, "install"),
         )
         health >> rollback
     return dag

@@ -25,6 +25,7 @@ _PUBLIC = {
     "LMStudioPromoteOperator": "operators.operators.promote",
     "LMStudioRollbackOperator": "operators.operators.promote",
     "HFSpaceDeployOperator": "operators.operators.hf_space",
+    "StoreRetentionOperator": "operators.operators.retention",
     "HealthCheckSensor": "operators.sensors.health",
     "HFSpaceRuntimeSensor": "operators.sensors.hf_space",
     "LiveEndpointTrigger": "operators.triggers.health",

@@ -33,7 +33,7 @@ ALLOWED_TOP = {
 }
 # The engine's packages from the bottom up: each may import its own layer and the layers before it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors",),
+    ("errors", "retry"),
     ("store",),
     ("config",),
     ("source", "merge"),
@@ -248,3 +248,99 @@ def test_the_rules_see_a_violation(tmp_path: Path) -> None:
                        "def f():\n    from operators.common import as_bool\n")
     names = [name for name, _ in imports_of(planted)]
     assert names == ["typing", "airflow.sdk", "operators.common"]
+
+
+# --- hooks own connections ------------------------------------------------------------------------------------
+CONNECTION_READERS = ("get_connection", "aget_connection")
+HOOKS = ("operators", "hooks")
+
+
+def connection_reads(path: Path) -> list[tuple[str, int]]:
+    """``(called name, line)`` of every ``get_connection`` / ``aget_connection`` call in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            if name in CONNECTION_READERS:
+                found.append((name, node.lineno))
+    return found
+
+
+def test_only_hooks_read_connections() -> None:
+    bad = [f"{path.relative_to(ROOT)}:{line} calls {name}()" for path in code_files()
+           if path.relative_to(ROOT).parts[:2] != HOOKS for name, line in connection_reads(path)]
+    assert not bad, ("only operators/hooks/ reads Airflow connections; operators, sensors and triggers name a conn "
+                     "id and build the hook from it:\n" + "\n".join(bad))
+
+
+# --- one source of truth for settings -------------------------------------------------------------------------
+@cache
+def settings_fields() -> frozenset[str]:
+    """Every field name of the config sections (include/config): the keys of a section's ``model_dump()``."""
+    from pydantic import BaseModel
+
+    from include.config import model, pools, sections
+
+    classes = {cls for module in (sections, model, pools) for cls in vars(module).values()
+               if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__.startswith("include.config")}
+    return frozenset(name for cls in classes for name in cls.model_fields)
+
+
+def _literal(node: ast.AST, *, truthy: bool = False) -> bool:
+    """A non-None constant or literal container: a restated default (``truthy``: only one that is not empty or
+    false, because ``x.get("k") or ""`` only turns None into an empty value)."""
+    if isinstance(node, ast.Constant):
+        return node.value is not None and (bool(node.value) or not truthy)
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        return bool(node.elts) or not truthy
+    return isinstance(node, ast.Dict) and (bool(node.keys) or not truthy)
+
+
+def _settings_key(node: ast.AST) -> str | None:
+    """The key of ``x.get("<key>", ...)`` / ``getattr(x, "<key>", ...)`` when it is a config field, else None."""
+    if not isinstance(node, ast.Call):
+        return None
+    func, args = node.func, node.args
+    if isinstance(func, ast.Attribute) and func.attr == "get" and args:
+        key = args[0]
+    elif isinstance(func, ast.Name) and func.id == "getattr" and len(args) >= 2:
+        key = args[1]
+    else:
+        return None
+    if isinstance(key, ast.Constant) and isinstance(key.value, str) and key.value in settings_fields():
+        return key.value
+    return None
+
+
+def restated_defaults(path: Path) -> list[tuple[int, str]]:
+    """``(line, code)`` of every default of a config field restated in ``path``: ``x.get("field", <literal>)``,
+    ``getattr(x, "field", <literal>)`` and ``x.get("field") or <literal that is not empty>``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Call) and _settings_key(node):
+            defaults = node.args[1:2] if isinstance(node.func, ast.Attribute) else node.args[2:3]
+            if any(_literal(default) for default in defaults):
+                found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or) and _literal(node.values[-1], truthy=True):
+            found += [(node.lineno, ast.unparse(node)) for value in node.values[:-1] if _settings_key(value)]
+    return found
+
+
+def test_operators_and_dags_restate_no_setting_default() -> None:
+    bad = [f"{path.relative_to(ROOT)}:{line}: {code}" for path in code_files()
+           if path.relative_to(ROOT).parts[0] in ("operators", "dags") for line, code in restated_defaults(path)]
+    assert not bad, ("defaults of config fields restated outside include/config (take the section instead: "
+                     "operators.common.section(QuantizeSettings, settings, ...).min_type_fraction):\n" + "\n".join(bad))
+
+
+def test_the_hook_and_settings_rules_see_a_violation(tmp_path: Path) -> None:
+    planted = tmp_path / "x.py"
+    planted.write_text("\n".join([
+        "from airflow.sdk import BaseHook", "conn = BaseHook.get_connection('x')",
+        "async def f(h):", "    return await h.aget_connection('y')",
+        "def g(s, source):", "    a = s.get('min_type_fraction', 0.5)", "    b = s.get('conn_id') or 'hf'",
+        "    c = getattr(source, 'transfer', 'auto')", "    d = s.get('min_type_fraction')",
+        "    e = s.get('not_a_field', 1)", "    f = s.get('path') or ''", "    return s.get('max_tokens', None)", ""]))
+    assert connection_reads(planted) == [("get_connection", 2), ("aget_connection", 4)]
+    assert [line for line, _ in restated_defaults(planted)] == [6, 7, 8]

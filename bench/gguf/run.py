@@ -163,7 +163,14 @@ def child_operators(model: Path, out: Path, quant: str) -> None:
 def child_fidelity(model: Path, out: Path, quant: str) -> None:
     """The fidelity gate on the model (f16 and ``quant`` built first, untimed); prints figures as JSON."""
     from include.gguf.convert import convert_to_gguf
-    from include.gguf.fidelity import check_perplexity, compare_logits, fidelity_settings, max_ratio_for, perplexity
+    from include.gguf.fidelity import (
+        check_perplexity,
+        compare_logits,
+        evaluation_text,
+        fidelity_settings,
+        max_ratio_for,
+        perplexity,
+    )
     from include.gguf.quantize import quantize_gguf
     from include.gguf.toolchain import pinned_toolchain
 
@@ -175,13 +182,14 @@ def child_fidelity(model: Path, out: Path, quant: str) -> None:
     config = fidelity_settings({})
     assert config is not None
     started = time.monotonic()
-    logits = compare_logits(model, f16, prompts=config.prompts, max_abs_diff=config.max_abs_diff,
+    logits = compare_logits(model, f16, prompts=config.prompts, max_abs_diff=config.max_abs_logit_diff,
                             max_kl=config.max_kl, mode="warn")
     logits_s = time.monotonic() - started
-    ppl_f16 = perplexity(f16, config.eval_text, n_ctx=config.n_ctx)
+    text = evaluation_text(config).text
+    ppl_f16 = perplexity(f16, text, n_ctx=config.n_ctx)
     checks = {}
     for name, path in ((quant, q), ("Q8_0", q8)):
-        checks[name] = check_perplexity(name, perplexity(path, config.eval_text, n_ctx=config.n_ctx), ppl_f16,
+        checks[name] = check_perplexity(name, perplexity(path, text, n_ctx=config.n_ctx), ppl_f16,
                                         max_ratio=max_ratio_for(config, name), mode="warn")
     total = time.monotonic() - started
     print(json.dumps({"logits": logits, "perplexity": checks, "logits_s": round(logits_s, 2),

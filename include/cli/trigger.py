@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from include.config.loader import load_config
-from include.trigger.client import AirflowClient, TriggerError, apply_pools_rest
+from include.errors import TriggerError
+from include.trigger.client import AirflowClient, apply_pools_rest
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,21 +86,21 @@ def main(argv: list[str] | None = None) -> int:
             return _apply_pools(client, args.config)
         if args.mode == "run":
             run = client.trigger_run(args.model, _payload(args), now=args.now)
-            run_id = run["dag_run_id"]
+            run_id = run.dag_run_id
             print(f"dag_run_id={run_id}")
         else:
             event = client.post_asset_event(args.model, _payload(args))
-            print(f"asset_event_id={event['id']} asset_id={event['asset_id']}")
+            print(f"asset_event_id={event.id} asset_id={event.asset_id}")
             if not args.wait:
                 return 0
             deadline = time.monotonic() + args.timeout
             run_id = None
             while run_id is None:
                 if time.monotonic() > deadline:
-                    raise TriggerError(f"no run consumed asset event {event['id']} within {args.timeout:.0f} s",
+                    raise TriggerError(f"no run consumed asset event {event.id} within {args.timeout:.0f} s",
                                        model=args.model, fix="is deploy_<model> unpaused and the scheduler running?")
                 time.sleep(min(args.poll, 2))
-                run_id = client.run_for_event(args.model, int(event["id"]))
+                run_id = client.run_for_event(args.model, event.id)
             print(f"dag_run_id={run_id}")
         if not args.wait:
             return 0
@@ -109,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     except TriggerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from include.config.sections import (
     MergeSettings,
     NotifySettings,
     QuantizeSettings,
+    RetentionSettings,
     RetrySettings,
     SSHSource,
     StrictModel,
@@ -48,6 +49,7 @@ class ModelConfig(StrictModel):
     notify: NotifySettings = NotifySettings()
     workers: WorkerSettings = WorkerSettings()
     fidelity: FidelitySettings = FidelitySettings()
+    retention: RetentionSettings = RetentionSettings()
     tags: list[str] = Field(default_factory=list)
 
     @field_validator("name")

@@ -1,5 +1,5 @@
 """The sections of a model's entry in config/models.yaml: source, merge, quantize, LM Studio, Hugging Face,
-health, retries, notifications, workers and the fidelity gate.
+health, retries, notifications, workers, the fidelity gate and the artifact store's retention.
 
 Each is a strict, frozen pydantic model (unknown keys are errors); :mod:`include.config` assembles them into
 a :class:`~include.config.ModelConfig` and loads the file.
@@ -94,17 +94,27 @@ class MergeSettings(StrictModel):
     """How the adapter is merged into the base model."""
 
     backend: Literal["streaming", "fused", "peft", "unsloth", "auto"] = Field(
-        "streaming", description="streaming: exact, constant memory (default); fused: the streaming merge done "
-        "inside the GGUF conversion, no merged model written (same GGUF, faster); peft: reference, whole model "
-        "in RAM; unsloth: CUDA only; auto: streaming, or peft for adapter features streaming does not merge")
+        "fused", description="fused (default): the exact streaming merge done inside the GGUF conversion, no merged "
+        "model on disk; streaming: write the merged safetensors into the artifact store (exact, constant memory), "
+        "then convert; peft: reference, whole model in RAM; unsloth: CUDA only; auto: fused when the adapter and "
+        "dtype allow it, else streaming, or peft for adapter features streaming does not merge. Left out with a "
+        "dtype other than auto: streaming (a dtype change needs a merged model)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_shard_mb: int = Field(2048, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_backend(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "backend" not in data and data.get("dtype", "auto") != "auto":
+            return {**data, "backend": "streaming"}  # fused keeps the base's dtype: converting one needs a merge
+        return data
 
     @model_validator(mode="after")
     def _fused_keeps_dtype(self) -> MergeSettings:
         if self.backend == "fused" and self.dtype != "auto":
             raise ValueError(f"merge.backend fused keeps the base model's dtype, so merge.dtype must be 'auto' "
-                             f"(got {self.dtype!r}); the GGUF's type is quantize.outtype")
+                             f"(got {self.dtype!r}); the GGUF's type is quantize.outtype; or set "
+                             "merge.backend: streaming to write a merged model in that dtype")
         return self
 
 
@@ -341,3 +351,20 @@ class FidelitySettings(StrictModel):
         if self.eval_text is not None and len(self.eval_text.split()) < 20:
             raise ValueError("fidelity.eval_text is too short for a perplexity (use at least 20 words)")
         return self
+
+
+class RetentionSettings(StrictModel):
+    """What the artifact store keeps after a deploy (the ``retention`` task at the end of ``deploy_<model>``).
+
+    Kept: every store entry of the versions the LM Studio ledger keeps (current, previous and the newest
+    ``lmstudio.keep_versions``): their quant GGUFs, adapter and fidelity figures, and - with ``keep_intermediates``
+    - their f16 GGUF, merged model and imatrix. Also kept: whatever a run that is still going (or failed less than
+    ``lease_hours`` ago) has used. Everything else is removed.
+    """
+
+    enabled: bool = Field(True, description="false: the retention task only reports what it would free")
+    keep_intermediates: bool = Field(False, description="keep the f16 GGUF, merged safetensors and imatrix of kept "
+                                                        "versions (re-runs and new quant types start from them)")
+    lease_hours: float = Field(24, gt=0, description="entries a run used stay protected this long after its last use "
+                                                     "(runs in progress, failed runs awaiting a retry); also how long "
+                                                     "an untouched download resume cache is kept")

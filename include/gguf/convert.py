@@ -14,9 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from include.errors import GGUFError
+from include.errors import GGUFError, ToolchainError
 from include.gguf.reader import GGUFSummary, inspect_split
-from include.gguf.toolchain import LlamaCppToolchain, ToolchainError
+from include.gguf.toolchain import LlamaCppToolchain
 from include.gguf.tools import PROJECT_ROOT, final_summary, first_output, run_streaming, staged_outputs
 
 log = logging.getLogger(__name__)

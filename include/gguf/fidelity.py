@@ -2,10 +2,10 @@
 
 Two checks, both with real models:
 
-- :func:`compare_logits` runs the merged Hugging Face model (transformers, CPU, float32) and the f16
-  GGUF (llama.cpp through llama-cpp-python) on the SAME token ids (the HF tokenizer's, so the check is
-  about weights, not tokenizers) and compares the logits per position: max |difference| and
-  KL(softmax_hf || softmax_gguf), both in float64.
+- :func:`compare_logits` runs the merged Hugging Face model (transformers, CPU, float32, one decoder layer at
+  a time: :mod:`include.gguf.reference`) and the f16 GGUF (llama.cpp through llama-cpp-python) on the SAME
+  token ids (the HF tokenizer's, so the check is about weights, not tokenizers) and compares the logits per
+  position: max |difference| and KL(softmax_hf || softmax_gguf), both in float64.
 - :func:`perplexity` scores an evaluation text with a GGUF (its own vocabulary) in ``n_ctx`` chunks;
   :func:`check_perplexity` compares a quant's perplexity with the f16 GGUF's against a per-type ratio.
 
@@ -16,36 +16,34 @@ is closed before returning so an Airflow worker's memory stays bounded.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from include.errors import GGUFError
+
+if TYPE_CHECKING:
+    from include.config.sections import FidelitySettings
 
 log = logging.getLogger(__name__)
 
 N_THREADS = 2  # fixed: the figures must not depend on the worker's core count
+ROW_BLOCK = 16  # logits rows per float64 block (16 x 152k vocab x 8 bytes = 19 MB)
 DEFAULT_EVAL_RESOURCE = "eval.txt"
 
 
 @dataclass(frozen=True)
-class FidelityConfig:
-    """Parsed ``fidelity:`` settings of one model (see :class:`include.config.FidelitySettings`)."""
+class EvalText:
+    """The perplexity gate's evaluation text and where it comes from (derived from a ``FidelitySettings``)."""
 
-    enabled: bool
-    mode: str
-    prompts: tuple[str, ...]
-    max_abs_diff: float
-    max_kl: float
-    eval_text: str
-    n_ctx: int
-    max_ppl_ratio: Mapping[str, float] = field(default_factory=dict)
-    eval_source: str = "built-in include/data/eval.txt"
+    text: str
+    source: str
 
 
 def default_eval_text() -> str:
@@ -53,12 +51,9 @@ def default_eval_text() -> str:
     return (Path(__file__).resolve().parents[1] / "data" / DEFAULT_EVAL_RESOURCE).read_text(encoding="utf-8")
 
 
-def fidelity_settings(fidelity: Any) -> FidelityConfig | None:
-    """Parse a model's ``fidelity`` settings (a dict or FidelitySettings); None when absent or disabled.
-
-    The evaluation text is read here (inline ``eval_text``, ``eval_file``, or the built-in text), so a
-    missing file fails before any model is loaded.
-    """
+def fidelity_settings(fidelity: FidelitySettings | Mapping[str, Any] | None) -> FidelitySettings | None:
+    """A model's ``fidelity`` section, validated (a mapping such as ``model_dump()`` is accepted); None when
+    absent or disabled. The section is the one source of the gate's settings and their defaults."""
     from include.config.sections import FidelitySettings
 
     if fidelity is None:
@@ -67,46 +62,74 @@ def fidelity_settings(fidelity: Any) -> FidelityConfig | None:
         from pydantic import ValidationError
 
         try:
-            fidelity = FidelitySettings(**fidelity)
+            fidelity = FidelitySettings.model_validate(dict(fidelity))
         except ValidationError as err:
             raise GGUFError(f"invalid fidelity settings: {err}",
                             fix="correct the `fidelity:` section of config/models.yaml") from None
-    if not fidelity.enabled:
-        return None
+    return fidelity if fidelity.enabled else None
+
+
+def evaluation_text(fidelity: FidelitySettings) -> EvalText:
+    """The evaluation text: inline ``eval_text``, else ``eval_file`` (read now, so a missing file fails before any
+    model is loaded), else the built-in text."""
     if fidelity.eval_text is not None:
-        text, source = fidelity.eval_text, "fidelity.eval_text"
-    elif fidelity.eval_file is not None:
+        return EvalText(fidelity.eval_text, "fidelity.eval_text")
+    if fidelity.eval_file is not None:
         try:
-            text, source = Path(fidelity.eval_file).read_text(encoding="utf-8"), fidelity.eval_file
+            return EvalText(Path(fidelity.eval_file).read_text(encoding="utf-8"), fidelity.eval_file)
         except (OSError, UnicodeDecodeError) as err:
             raise GGUFError(f"cannot read fidelity.eval_file {fidelity.eval_file!r}: {err}",
                             fix="point fidelity.eval_file at a UTF-8 text file readable by the worker, "
                                 "or remove it to use the built-in text") from err
-    else:
-        text, source = default_eval_text(), "built-in include/data/eval.txt"
-    return FidelityConfig(
-        enabled=True, mode=fidelity.mode, prompts=tuple(fidelity.prompts), max_abs_diff=fidelity.max_abs_logit_diff,
-        max_kl=fidelity.max_kl, eval_text=text, n_ctx=fidelity.n_ctx, max_ppl_ratio=dict(fidelity.max_ppl_ratio),
-        eval_source=source,
-    )
+    return EvalText(default_eval_text(), f"built-in include/data/{DEFAULT_EVAL_RESOURCE}")
 
 
-def max_ratio_for(config: FidelityConfig, quant: str) -> float:
-    """The configured max perplexity ratio (quant / f16) of ``quant``, else the ``default`` entry."""
-    table = config.max_ppl_ratio
-    return float(table.get(quant.upper(), table.get("default", 1.5)))
+def max_ratio_for(fidelity: FidelitySettings, quant: str) -> float:
+    """The configured max perplexity ratio (quant / f16) of ``quant``, else the table's ``default`` entry (the
+    section merges the user's entries over the built-in table, so ``default`` is always there)."""
+    table = fidelity.max_ppl_ratio
+    return float(table.get(quant.upper(), table["default"]))
+
+
+@functools.cache
+def mmap_llama_class() -> type:
+    """``llama_cpp.Llama`` with llama.cpp's CPU weight repacking off, so the weights stay in the mmap-ed file.
+
+    On x86 with AVX2, llama.cpp copies Q4_0/Q4_K/Q5_K/Q6_K/Q2_K/IQ4_NL/Q8_0 weights into "repack" buffers
+    (anonymous memory, the size of the quantized model); ``use_extra_bufts = False`` (llama-server's
+    ``--no-repack``) keeps them file-backed. llama-cpp-python 0.3.36 has no argument for it, but its
+    constructor assigns ``self.model_params`` and then passes that struct to llama.cpp: the setter below turns
+    the flag off on the way. F16/BF16/F32 weights are never repacked (the f16 figures are unchanged); the
+    quants' perplexity moves by ~1e-5 relative (another kernel's summation order). Anything else that serves a
+    GGUF in a worker (the smoke check) can use this class to keep its anonymous memory bounded the same way.
+    """
+    from llama_cpp import Llama, llama_model_params
+
+    if "use_extra_bufts" not in {name for name, *_ in llama_model_params._fields_}:
+        raise GGUFError("this llama-cpp-python has no llama_model_params.use_extra_bufts",
+                        fix="install the pinned llama-cpp-python (0.3.36, see constraints.txt)")
+
+    class MmapLlama(Llama):
+        @property
+        def model_params(self) -> Any:
+            return self._mmap_model_params
+
+        @model_params.setter
+        def model_params(self, params: Any) -> None:
+            params.use_extra_bufts = False
+            self._mmap_model_params = params
+
+    return MmapLlama
 
 
 @contextmanager
 def _llama(gguf_path: Path, n_ctx: int) -> Iterator[Any]:
-    """A llama.cpp context with all logits kept; closed (memory freed) on exit."""
-    from llama_cpp import Llama
-
+    """A llama.cpp context with all logits kept, weights through mmap only; closed (memory freed) on exit."""
     path = Path(gguf_path)
     if not path.is_file():
         raise GGUFError(f"GGUF {str(path)!r} does not exist", fix="run the convert/quantize stage first")
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                n_threads=N_THREADS, n_threads_batch=N_THREADS, verbose=False)
+    llm = mmap_llama_class()(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                             n_threads=N_THREADS, n_threads_batch=N_THREADS, verbose=False)
     try:
         yield llm
     finally:
@@ -122,48 +145,34 @@ def _log_softmax(rows: Any) -> Any:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def _row_blocks(count: int) -> Iterator[slice]:
+    """Blocks of ``ROW_BLOCK`` rows: float64 work on logits stays ~ROW_BLOCK x vocab x 8 bytes per array.
+
+    Every figure is computed row by row (max, log-softmax, KL), so blocking does not change any bit.
+    """
+    for start in range(0, count, ROW_BLOCK):
+        yield slice(start, min(start + ROW_BLOCK, count))
+
+
 def _hf_logits(merged_dir: Path, prompts: Sequence[str], fused_adapter: Path | None = None
                ) -> tuple[list[list[int]], list[Any]]:
     """Token ids (HF tokenizer, with its special tokens) and float64 logits of each prompt.
 
-    With ``fused_adapter``, ``merged_dir`` is the base model and the adapter's edited tensors are set to their
-    merged values (:func:`include.merge.fused.merged_tensor`, what the fused conversion wrote) after loading.
+    The logits are transformers' float32 logits, computed one decoder layer at a time from the safetensors
+    (:func:`include.gguf.reference.streamed_logits`), so memory is bounded by a layer, not by the model. With
+    ``fused_adapter``, ``merged_dir`` is the base model and the adapter's edited tensors are their merged values
+    (:func:`include.merge.fused.merged_tensor`, what the fused conversion wrote), computed as they are loaded.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from include.gguf.reference import streamed_logits
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    model.eval()
-    if fused_adapter is not None:
-        _apply_merge(model, merged_dir, fused_adapter)
-    ids, logits = [], []
+    ids = [[int(t) for t in tokenizer(prompt)["input_ids"]] for prompt in prompts]
     try:
-        with torch.inference_mode():
-            for prompt in prompts:
-                tokens = [int(t) for t in tokenizer(prompt)["input_ids"]]
-                out = model(torch.tensor([tokens])).logits[0]
-                ids.append(tokens)
-                logits.append(out.to(torch.float64).numpy())
+        return ids, streamed_logits(merged_dir, ids, fused_adapter)
     finally:
-        del model
         gc.collect()
-    return ids, logits
-
-
-def _apply_merge(model: Any, base_dir: Path, adapter_dir: Path) -> None:
-    import torch
-
-    from include.merge.fused import check_fusable, merged_tensor
-
-    adapter, base = check_fusable(base_dir, adapter_dir)
-    state = model.state_dict()
-    with torch.no_grad():
-        for key, edit in adapter.edits.items():
-            if key not in state:
-                raise GGUFError(f"the HF model of {str(base_dir)!r} has no tensor {key!r} the adapter edits",
-                                fix="use merge.backend: streaming")
-            state[key].copy_(merged_tensor(base[key], edit).to(state[key].dtype))
 
 
 def compare_logits(merged_dir: Path, gguf_path: Path, *, prompts: Sequence[str], max_abs_diff: float,
@@ -192,10 +201,12 @@ def compare_logits(merged_dir: Path, gguf_path: Path, *, prompts: Sequence[str],
                                 fix="the GGUF was not converted from this model: re-run the conversion")
             llm.reset()
             llm.eval(tokens)
-            got = np.array(llm.scores[: len(tokens)], dtype=np.float64)
-            diff = float(np.abs(got - ref).max())
-            log_p, log_q = _log_softmax(ref), _log_softmax(got)
-            kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+            diff, kl = 0.0, np.empty(len(tokens))
+            for rows in _row_blocks(len(tokens)):
+                got = np.asarray(llm.scores[rows], dtype=np.float64)
+                diff = max(diff, float(np.abs(got - ref[rows]).max()))
+                log_p, log_q = _log_softmax(ref[rows]), _log_softmax(got)
+                kl[rows] = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
             kls.extend(float(k) for k in kl)
             per_prompt.append({"prompt": prompt, "tokens": len(tokens), "max_abs_diff": diff,
                                "max_kl": float(kl.max())})
@@ -245,9 +256,11 @@ def perplexity(gguf_path: Path, text: str, *, n_ctx: int = 256) -> float:
                 continue
             llm.reset()
             llm.eval(chunk)
-            log_q = _log_softmax(np.array(llm.scores[: len(chunk) - 1], dtype=np.float64))
             targets = np.array(chunk[1:])
-            nll = -log_q[np.arange(len(targets)), targets]
+            nll = np.empty(len(targets))
+            for rows in _row_blocks(len(targets)):
+                log_q = _log_softmax(llm.scores[rows])
+                nll[rows] = -log_q[np.arange(len(log_q)), targets[rows]]
             total_nll += float(nll.sum())
             scored += len(targets)
     if scored == 0:

@@ -2,9 +2,12 @@
 
 - :func:`converter_pre_tokenizers` reads the pinned converter's own hash table (``get_vocab_base_pre``)
   by parsing its source with :mod:`ast`, so the list is never copied into this project.
-- :func:`check_pre_tokenizer` computes the hash the converter will compute (the converter's fixed text,
-  encoded by the HF tokenizer, sha256 of ``str(token ids)``) before converting; an unknown hash is mapped
-  through ``quantize.pre_tokenizer`` or fails with the choices.
+- :func:`check_pre_tokenizer` first decides which vocab reader the converter will use
+  (:mod:`include.gguf.vocab_routes`: SentencePiece, a SentencePiece-style tokenizer.json, BPE, ...; a file
+  the architecture needs and the directory lacks is named). Only on the converter's BPE route does it
+  compute the hash the converter will compute (the converter's fixed text, encoded by the HF tokenizer,
+  sha256 of ``str(token ids)``); an unknown hash is mapped through ``quantize.pre_tokenizer`` or fails with
+  the choices.
 - :func:`map_unknown_pre_tokenizer` patches the converter's hash lookup in-process to answer a name for an
   unknown hash (``python -m include.cli.convert --pre NAME``; the pinned sources stay untouched).
 - :func:`compare_tokenization` tokenizes fixed texts with llama.cpp (vocab only) and the HF tokenizer.
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from include.errors import GGUFError
+from include.gguf.vocab_routes import VocabRoute, vocab_route
 
 # Fixed texts whose tokens must be equal in llama.cpp and in the HF tokenizer.
 CHECK_TEXTS: tuple[str, ...] = (
@@ -75,39 +79,58 @@ def _hf_tokenizer(model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
-def uses_bpe_vocab(model_dir: Path) -> bool:
-    """True when the converter will read a BPE vocab (tokenizer.json, no SentencePiece tokenizer.model)."""
-    model_dir = Path(model_dir)
-    return (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer.model").is_file()
+def uses_bpe_vocab(model_dir: Path, source_dir: Path) -> bool:
+    """True when the converter under ``source_dir`` will read ``model_dir``'s vocab on its BPE route."""
+    return vocab_route(model_dir, source_dir).reader == "bpe"
 
 
 def check_pre_tokenizer(model_dir: Path, source_dir: Path, mapping: str | None) -> dict[str, Any]:
     """The pre-tokenizer the converter will use, computed before converting; GGUFError for an unknown hash.
 
-    Returns ``{"kind", "chkhsh", "name", "mapped"}``; ``mapped`` is True when ``mapping``
-    (``quantize.pre_tokenizer``) supplies the name for a hash this llama.cpp does not know.
+    Returns ``{"kind", "chkhsh", "name", "mapped", "architecture", "route", "reader"}``. ``kind`` is the
+    vocab reader (``sentencepiece``, ``llama-hf``, ``bpe``, ``other``, ``unchecked``); only ``bpe`` has a hash.
+    ``mapped`` is True when ``mapping`` (``quantize.pre_tokenizer``) supplies the name for a hash this llama.cpp
+    does not know, or when the route is ``unchecked`` and a mapping is set (the converter uses it only if it
+    meets an unknown hash). GGUFError also when the converter needs a file the directory lacks.
     """
-    if not uses_bpe_vocab(model_dir):
-        return {"kind": "sentencepiece", "chkhsh": None, "name": None, "mapped": False}
+    route = vocab_route(model_dir, source_dir)
+    record: dict[str, Any] = {"kind": route.reader, "chkhsh": None, "name": None, "mapped": False,
+                              "architecture": route.architecture, "route": route.route, "reader": route.detail}
+    if route.reader != "bpe" and (route.reader != "unchecked" or mapping is None):
+        return record
     chktxt, table = converter_pre_tokenizers(source_dir)
+    choices = sorted(set(table.values()))
+    if mapping is not None and mapping not in choices:
+        raise GGUFError(f"quantize.pre_tokenizer {mapping!r} is not a pre-tokenizer this llama.cpp knows",
+                        fix=f"use one of: {', '.join(choices)}")
+    if route.reader == "unchecked":  # the converter decides; a mapping only answers a hash it does not know
+        return {**record, "name": mapping, "mapped": mapping is not None}
     ids = _hf_tokenizer(model_dir).encode(chktxt)
     chkhsh = hashlib.sha256(str(ids).encode()).hexdigest()
-    choices = sorted(set(table.values()))
     if chkhsh in table:
-        return {"kind": "bpe", "chkhsh": chkhsh, "name": table[chkhsh], "mapped": False}
+        return {**record, "chkhsh": chkhsh, "name": table[chkhsh]}
     if mapping is None:
         raise GGUFError(
             f"the BPE pre-tokenizer of {str(model_dir)!r} (hash {chkhsh}) is unknown to this llama.cpp, whose "
-            "converter would abort",
+            f"converter would abort: {_why_bpe(route)}",
             fix="set quantize.pre_tokenizer to the llama.cpp pre-tokenizer your tokenizer's pre-tokenization "
                 f"matches (one of: {', '.join(choices)}; e.g. 'llama-bpe' for Llama 3, 'qwen2' for Qwen2, "
                 "'gpt-2' for GPT-2 byte-level); the token comparison after conversion verifies the choice. "
                 "Or point settings.llama_cpp_dir at a newer llama.cpp that knows the hash",
         )
-    if mapping not in choices:
-        raise GGUFError(f"quantize.pre_tokenizer {mapping!r} is not a pre-tokenizer this llama.cpp knows",
-                        fix=f"use one of: {', '.join(choices)}")
-    return {"kind": "bpe", "chkhsh": chkhsh, "name": mapping, "mapped": True}
+    return {**record, "chkhsh": chkhsh, "name": mapping, "mapped": True}
+
+
+def _why_bpe(route: VocabRoute) -> str:
+    """Why the converter reads this directory on its BPE route (for the unknown-hash message)."""
+    if route.route == "llama" and route.detail == "tokenizer.json":
+        return (f"for {route.architecture} it tries tokenizer.model (absent), then a SentencePiece-style "
+                "tokenizer.json (this one is not: it is not a byte-fallback BPE with a Sequence decoder), then BPE")
+    if route.route == "bpe":
+        return f"for {route.architecture} it always reads the vocab as BPE"
+    if route.detail.startswith("tokenizer_class"):
+        return f"for {route.architecture} with {route.detail} it reads the vocab as BPE"
+    return f"for {route.architecture} without tokenizer.model it reads the vocab as BPE ({route.detail})"
 
 
 def _llama_tokens(gguf_path: Path, text: str, vocab: Any) -> list[int]:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from include.errors import ToolchainError
 from include.store.hashing import sha256_file
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -36,10 +37,6 @@ CMAKE_FLAGS = (
     "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_BUILD_TOOLS=ON", "-DGGML_OPENMP=OFF",
 )
-
-
-class ToolchainError(RuntimeError):
-    """The pinned llama.cpp toolchain is missing, corrupt or could not be built."""
 
 
 def cache_root() -> Path:
@@ -76,10 +73,9 @@ class LlamaCppToolchain:
         """Raise ToolchainError naming what is missing and how to get it."""
         for path in (self.converter, self.gguf_py / "gguf" / "__init__.py"):
             if not path.is_file():
-                raise ToolchainError(
-                    f"llama.cpp toolchain incomplete: {str(path)!r} does not exist; run "
-                    f"`python3 -m include.cli.toolchain ensure` (or point llama_cpp.source_dir at a llama.cpp checkout)"
-                )
+                raise ToolchainError(f"llama.cpp toolchain incomplete: {str(path)!r} does not exist",
+                                     fix="run `python3 -m include.cli.toolchain ensure`, or point "
+                                         "settings.llama_cpp_dir at a llama.cpp checkout")
 
 
 def pinned_dir() -> Path:

@@ -1,7 +1,9 @@
 """Running llama.cpp's tools: output streamed to the task log, results staged and renamed into place.
 
-Every output is written to a temp name in the target directory and renamed into place only after it was
-validated, so nothing half-written is ever seen under the final name.
+Every output is written to a scratch name in the target directory (``.<name>.part-<token>``, see
+:mod:`include.store.scratch`) and renamed into place only after it was validated, so nothing half-written is ever
+seen under the final name. A tool killed half way leaves a scratch whose lock is free: the next output staged in
+that directory removes it (and in the artifact store, the whole build directory goes with the next build).
 """
 
 from __future__ import annotations
@@ -10,9 +12,7 @@ import dataclasses
 import glob
 import logging
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from include.errors import GGUFError
 from include.gguf.reader import GGUFSummary, inspect_split
+from include.store import scratch
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +32,22 @@ TAIL_LINES = 25
 
 @contextmanager
 def atomic_target(dst: Path) -> Iterator[Path]:
-    """Yield a temp path next to ``dst``; rename it onto ``dst`` on success, delete it on failure."""
+    """Yield a scratch path next to ``dst``; rename it onto ``dst`` on success, delete it on failure."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(name)
+    scratch.sweep(dst.parent, kinds=("part",))
+    tmp = scratch.claim(dst, "part", directory=False)
     try:
         yield tmp
         os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
+        scratch.finish(tmp, dst)
     finally:
-        tmp.unlink(missing_ok=True)
+        scratch.discard(tmp)
 
 
 @contextmanager
 def staged_outputs(dst: Path) -> Iterator[Path]:
-    """Yield ``TMPDIR/<dst name>`` for a tool that writes one file or split shards next to it.
+    """Yield ``<scratch dir>/<dst name>`` for a tool that writes one file or split shards next to it.
 
     On success every ``.gguf`` in the temp dir is validated by the caller and then moved next to ``dst``
     (the first shard last-but-not-least: all shards are in place before the caller reports them).
@@ -55,14 +55,15 @@ def staged_outputs(dst: Path) -> Iterator[Path]:
     """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    scratch.sweep(dst.parent, kinds=("part",))
+    work = scratch.claim(dst, "part")
     try:
         yield work / dst.name
         for produced in sorted(work.glob("*.gguf")):
             os.chmod(produced, 0o644)
             os.replace(produced, dst.parent / produced.name)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        scratch.discard(work)
 
 
 def first_output(dst: Path) -> Path:

@@ -1,1 +1,2 @@
-"""Health checks of a served model: the smoke server of a GGUF and the live OpenAI-compatible endpoint."""
+"""Health checks of a served model: ``endpoint`` (an OpenAI-compatible endpoint: listing, chat, figures) and
+``smoke`` (the ephemeral llama.cpp server of a GGUF, file checks, free resources)."""

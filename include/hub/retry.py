@@ -2,9 +2,11 @@
 
 :class:`HubCaller` wraps every ``HfApi`` call of the engine: HTTP 429, 500, 502, 503 and 504 (and dropped
 connections) are retried up to ``max_retries`` times, waiting ``Retry-After`` seconds when the Hub sends it
-(capped at ``max_wait_s``) or an exponential backoff otherwise. What is left becomes a
-:class:`~include.errors.PublishError` carrying the server's message and a fix: 401/403/404 (and other 4xx) are
-not retryable (the Airflow task fails at once), exhausted 429/5xx are (the task's own retries take over).
+(capped at ``max_wait_s``) or an exponential backoff otherwise: the engine's one retry policy
+(:class:`include.retry.RetryPolicy`), with the Hub client's own error classes as what is transient. What is
+left becomes a :class:`~include.errors.PublishError` carrying the server's message and a fix: 401/403/404 (and
+other 4xx) are not retryable (the Airflow task fails at once), exhausted 429/5xx are (the task's own retries take
+over).
 The token is scrubbed from every message.
 """
 
@@ -15,20 +17,14 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from include.errors import LoraDeployError, PublishError
+from include.errors import LoraDeployError, PublishError, TransientPublishError
+from include.retry import RETRY_STATUSES, RetryPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 TOKEN_FIX = ("create a token with the 'write' role at https://huggingface.co/settings/tokens and set it as the "
              "password of the Airflow connection 'huggingface_default' (or HF_TOKEN)")
-
-
-class TransientPublishError(PublishError):
-    """The Hub kept answering 429/5xx (or the link dropped) after the in-call retries: the task retries later."""
-
-    retryable = True
 
 
 class HubCaller:
@@ -54,40 +50,30 @@ class HubCaller:
         import httpx2
         from huggingface_hub.errors import HfHubHTTPError
 
-        attempt = 0
-        while True:
-            try:
-                return fn(*args, **kwargs)
-            except LoraDeployError:
-                raise
-            except HfHubHTTPError as e:
-                status = e.response.status_code if e.response is not None else 0
-                if status not in RETRY_STATUSES or attempt >= self.max_retries:
-                    raise self._http_error(e, status, action, repo_id) from e
-                wait = self._wait(attempt, e.response.headers.get("Retry-After") if e.response is not None else None)
-                reason = f"HTTP {status}"
-            except httpx2.TransportError as e:
-                if attempt >= self.max_retries:
-                    raise TransientPublishError(
-                        self.scrub(f"could not {action} {repo_id!r}: {type(e).__name__}: {e}"), model=self.model,
-                        fix=f"check that {self.endpoint!r} is reachable from the worker (proxy, DNS, firewall)",
-                    ) from e
-                wait, reason = self._wait(attempt, None), type(e).__name__
-            except (RuntimeError, ValueError, OSError) as e:  # LFS upload failures, invalid README metadata
-                cause = f"{e}: {e.__cause__}" if e.__cause__ else str(e)
-                raise PublishError(self.scrub(f"could not {action} {repo_id!r}: {cause}"), model=self.model,
-                                   fix="see the message; retry the task if it was a transient upload error") from e
-            attempt += 1
+        def on_retry(failures: int, wait: float, error: BaseException) -> None:
             self.waits.append(wait)
+            reason = f"HTTP {_status(error)}" if isinstance(error, HfHubHTTPError) else type(error).__name__
             log.warning("model %r: %s while trying to %s %r; retry %d/%d in %.1f s", self.model, reason, action,
-                        repo_id, attempt, self.max_retries, wait)
-            self.sleep(wait)
+                        repo_id, failures, self.max_retries, wait)
 
-    def _wait(self, attempt: int, retry_after: str | None) -> float:
-        """Seconds before the next try: Retry-After (delta-seconds) when given, else exponential; capped."""
-        if retry_after is not None and retry_after.strip().isdigit():
-            return min(float(retry_after.strip()), self.max_wait_s)
-        return min(self.base_wait_s * 2 ** attempt, self.max_wait_s)
+        policy = RetryPolicy(attempts=self.max_retries + 1, base_wait_s=self.base_wait_s, max_wait_s=self.max_wait_s,
+                             sleep=self.sleep)
+        try:
+            return policy.call(lambda: fn(*args, **kwargs), transient=_transient, retry_after=_retry_after,
+                               on_retry=on_retry)
+        except LoraDeployError:
+            raise
+        except HfHubHTTPError as e:
+            raise self._http_error(e, _status(e), action, repo_id) from e
+        except httpx2.TransportError as e:
+            raise TransientPublishError(
+                self.scrub(f"could not {action} {repo_id!r}: {type(e).__name__}: {e}"), model=self.model,
+                fix=f"check that {self.endpoint!r} is reachable from the worker (proxy, DNS, firewall)",
+            ) from e
+        except (RuntimeError, ValueError, OSError) as e:  # LFS upload failures, invalid README metadata
+            cause = f"{e}: {e.__cause__}" if e.__cause__ else str(e)
+            raise PublishError(self.scrub(f"could not {action} {repo_id!r}: {cause}"), model=self.model,
+                               fix="see the message; retry the task if it was a transient upload error") from e
 
     def _http_error(self, e: Any, status: int, action: str, repo_id: str) -> PublishError:
         from huggingface_hub.errors import RepositoryNotFoundError
@@ -104,6 +90,26 @@ class HubCaller:
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def _status(error: Any) -> int:
+    """The HTTP status of a Hub error (0 when it carries no response)."""
+    return error.response.status_code if getattr(error, "response", None) is not None else 0
+
+
+def _transient(error: BaseException) -> bool:
+    """A Hub failure worth another try: HTTP 429/5xx, or the link dropped (the Hub client's transport errors)."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HfHubHTTPError):
+        return _status(error) in RETRY_STATUSES
+    return isinstance(error, httpx2.TransportError)
+
+
+def _retry_after(error: BaseException) -> str | None:
+    response = getattr(error, "response", None)
+    return response.headers.get("Retry-After") if response is not None else None
 
 
 def fix_for(status: int, repo_id: str) -> str:

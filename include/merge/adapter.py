@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from include.errors import MergeError
-from include.merge.safetensors_io import NUMPY_DTYPES, SafetensorsFormatError, TensorInfo, read_header
+from include.errors import MergeError, SafetensorsFormatError, UnsupportedAdapterError
+from include.merge.safetensors_io import NUMPY_DTYPES, TensorInfo, read_header
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,6 @@ UNSUPPORTED = {
     "arrow_config": "Arrow routing", "kasa_config": "KaSA", "use_qalora": "QA-LoRA",
 }
 BNB_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-bnb-8bit")
-
-
-class UnsupportedAdapterError(MergeError):
-    """The adapter uses a LoRA feature the streaming merge does not implement (the peft backend may)."""
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from include.errors import MergeError
-from include.merge.adapter import UnsupportedAdapterError, check_expected_base, inspect_adapter
+from include.errors import MergeError, UnsupportedAdapterError
+from include.merge.adapter import check_expected_base, inspect_adapter
 from include.merge.staging import check_out_dir, copy_side_files, new_stage, publish
 from include.merge.streaming import DTYPE_CHOICES, merge_lora
 

@@ -8,6 +8,7 @@ byte for byte what :func:`include.merge.streaming.merge_lora` writes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +45,23 @@ def merged_tensor(info: TensorInfo, edit: TensorEdit) -> Any:
     dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
     data = np.concatenate([job() for job in output_jobs(info, edit, info.dtype)])
     return torch.from_numpy(data).view(dtypes[info.dtype]).reshape(info.shape)
+
+
+def merged_rows(info: TensorInfo, edit: TensorEdit) -> Callable[[int, int], Any]:
+    """A reader of rows ``start:stop`` of the merged tensor (torch, base dtype), equal to those of merged_tensor.
+
+    For consumers that need a few rows of a large tensor (the fidelity gate's embedding rows and output-head
+    chunks): only the rows asked for are read and merged, by the same arithmetic.
+    """
+    import torch
+
+    from include.merge.arithmetic import _Merger
+
+    dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    merger = _Merger(info, edit)
+
+    def rows(start: int, stop: int) -> Any:
+        data = merger.output(slice(start, stop), info.dtype)
+        return torch.from_numpy(data).view(dtypes[info.dtype]).reshape((stop - start, *info.shape[1:]))
+
+    return rows

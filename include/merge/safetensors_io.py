@@ -18,7 +18,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from include.errors import LoraDeployError
+from include.errors import SafetensorsFormatError
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 # torch-style names as used in config.json and by users.
 TORCH_NAMES: dict[str, str] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 SAFETENSORS_CODES: dict[str, str] = {v: k for k, v in TORCH_NAMES.items()}
-
-
-class SafetensorsFormatError(LoraDeployError):
-    """A safetensors file or model directory is malformed or holds something we cannot decode."""
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Files around the merge: output staging (atomic publish, stale stages removed), side files, a read-ahead thread.
 
-A merge writes into a hidden sibling ``.<out>.merging-<pid>`` and renames it onto ``out_dir`` only when
-complete, so a merge killed at any point (even SIGKILL) leaves no ``out_dir`` a later run could take as
-complete. The next merge into the same ``out_dir`` deletes stages whose process is gone.
+A merge writes into a hidden sibling ``.<out>.merging-<token>`` (a scratch of :mod:`include.store.scratch`, locked
+by the merging process) and renames it onto ``out_dir`` only when complete, so a merge killed at any point (even
+SIGKILL) leaves no ``out_dir`` a later run could take as complete. The next merge into the same directory removes
+every stage whose writer is gone (its lock is free), whatever output it was for; inside the artifact store the
+next build of the stage does the same.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from include.errors import MergeError
 from include.merge.safetensors_io import INDEX_FILE
-from include.store.artifacts import pid_alive
+from include.store import scratch
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +41,18 @@ def check_out_dir(out_dir: Path) -> None:
 
 
 def new_stage(out_dir: Path) -> Path:
-    """Create this process's staging dir next to ``out_dir``, deleting stages of processes that are gone."""
+    """Create this process's staging dir next to ``out_dir``, first removing stages left by dead merges."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{out_dir.name}.merging-"
-    for old in out_dir.parent.glob(f"{prefix}*"):
-        pid = old.name.removeprefix(prefix)
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            log.info("removing %s, left by a merge (pid %s) that did not finish", old, pid)
-            shutil.rmtree(old, ignore_errors=True)
-    stage = out_dir.parent / f"{prefix}{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    return stage
+    for gone in scratch.sweep(out_dir.parent, kinds=("merging",)):
+        log.info("removed %s, left by a merge that did not finish", gone.path)
+    return scratch.claim(out_dir, "merging")
 
 
 def publish(stage: Path, out_dir: Path) -> None:
     """Rename the finished ``stage`` onto ``out_dir`` (absent or empty) in one step."""
     os.chmod(stage, 0o755)
     try:
-        os.replace(stage, out_dir)  # an empty out_dir is replaced atomically
+        scratch.finish(stage, out_dir)  # an empty out_dir is replaced atomically
     except OSError as e:
         raise MergeError(
             f"cannot move the merged model into {str(out_dir)!r}: {e}",

@@ -22,14 +22,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from include.errors import MergeError
+from include.errors import MergeError, SafetensorsFormatError
 from include.merge.adapter import TensorEdit, check_expected_base, inspect_adapter
 from include.merge.arithmetic import blas_one_thread, check_edits, output_jobs
 from include.merge.safetensors_io import (
     NUMPY_DTYPES,
     SAFETENSORS_CODES,
     TORCH_NAMES,
-    SafetensorsFormatError,
     TensorInfo,
     TensorSpec,
     list_model_tensors,

@@ -16,10 +16,10 @@ from typing import Any, Self
 
 import numpy as np
 
+from include.errors import SafetensorsFormatError
 from include.merge.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
-    SafetensorsFormatError,
     TensorInfo,
     TensorSpec,
     iter_tensor_bytes,

@@ -90,35 +90,50 @@ def connect(endpoint: SSHEndpoint) -> paramiko.SSHClient:
         log.warning("host key checking is OFF for %s (verify_host_key: false in the config)", endpoint.description)
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
     pkey = _load_inline_key(endpoint.private_key) if endpoint.private_key else None
-    try:
+    with ssh_errors(endpoint.description, endpoint.known_hosts):
         client.connect(endpoint.host, port=endpoint.port, username=endpoint.user, pkey=pkey,
                        key_filename=os.path.expanduser(endpoint.key_file) if endpoint.key_file else None,
                        look_for_keys=not (pkey or endpoint.key_file), allow_agent=False, compress=False,
                        timeout=endpoint.connect_timeout_s, banner_timeout=endpoint.connect_timeout_s,
                        auth_timeout=endpoint.connect_timeout_s)
+    tcp_nodelay(client)
+    return client
+
+
+@contextmanager
+def ssh_errors(description: str, known_hosts: str = "~/.ssh/known_hosts") -> Iterator[None]:
+    """Turn paramiko's connection failures into engine errors: a wrong or unknown host key and a refused key are
+    :class:`SourceError` (a retry cannot fix them), anything else on the way :class:`TransientSourceError`."""
+    import paramiko
+
+    try:
+        yield
     except paramiko.BadHostKeyException as err:
-        raise SourceError(f"the host key of {endpoint.description} does not match the expected one",
+        raise SourceError(f"the host key of {description} does not match the expected one",
                           fix="if the box was re-created, update the connection's host_key (ssh-keyscan); otherwise "
                               "someone may be in the middle") from err
     except paramiko.SSHException as err:
         if "not found in known_hosts" in str(err) or ("Server " in str(err) and "not found" in str(err)):
-            raise SourceError(f"the host key of {endpoint.description} is unknown (not pinned, not in "
-                              f"{endpoint.known_hosts})",
+            raise SourceError(f"the host key of {description} is unknown (not pinned, not in {known_hosts})",
                               fix="pin it in the connection extra host_key (from `ssh-keyscan -p PORT HOST`), or "
                                   "set verify_host_key: false in the model's source config to skip the check "
                                   "knowingly") from err
         if isinstance(err, paramiko.AuthenticationException):
-            raise SourceError(f"{endpoint.description} refused the SSH key",
+            raise SourceError(f"{description} refused the SSH key",
                               fix="check the connection's login and key_file and the box's authorized_keys") from err
-        raise TransientSourceError(f"SSH to {endpoint.description} failed: {err}",
+        raise TransientSourceError(f"SSH to {description} failed: {err}",
                                    fix="the task retries; check the box is up") from err
     except OSError as err:
-        raise TransientSourceError(f"cannot reach {endpoint.description}: {err}",
+        raise TransientSourceError(f"cannot reach {description}: {err}",
                                    fix="the task retries; check the box is up and the port is right") from err
+
+
+def tcp_nodelay(client: paramiko.SSHClient) -> None:
+    """Turn Nagle off on the client's socket: pipelined SFTP reads stall on Nagle + delayed ACKs (40 ms a round)."""
     transport = client.get_transport()
-    if transport is not None:  # pipelined SFTP reads stall on Nagle + delayed ACKs (40 ms per round) without this
-        transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
-    return client
+    sock = getattr(transport, "sock", None)
+    if isinstance(sock, socket.socket):  # not a ProxyCommand
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _load_inline_key(text: str) -> paramiko.PKey:

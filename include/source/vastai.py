@@ -6,31 +6,36 @@ Only what the download stage needs: ``GET /api/v0/instances/{id}/?owner=me`` wit
 it, else the proxy ``ssh_host:ssh_port``.
 
 Errors a retry cannot fix (bad key, unknown instance, instance not running) raise :class:`VastAIError`
-(non-retryable: the task fails at once). Transient ones (timeouts, refused connections, HTTP 429 and
-5xx) are retried here with exponential backoff, then raise :class:`VastAITransientError`, which the
-Airflow layer leaves to the task's retry policy. The API key never appears in messages or logs.
+(non-retryable: the task fails at once). Transient ones (timeouts, refused or dropped connections, HTTP 429 and
+5xx, an answer that is not JSON) are retried here by the engine's retry policy (:mod:`include.retry`: httpx,
+``Retry-After`` honoured, else exponential backoff), then raise :class:`VastAITransientError`, which the Airflow
+layer leaves to the task's retry policy. The API key never appears in messages or logs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+
 from include.errors import VastAIError, VastAITransientError
+from include.retry import RETRY_STATUSES, RetryPolicy, describe, is_transient
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "https://console.vast.ai"
 API_KEY_ENV = "VAST_API_KEY"
 URL_ENV = "VAST_URL"
-_TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+MAX_WAIT_S = 60.0
+
+
+class _NotJSON(ValueError):
+    """A 2xx answer whose body is not JSON (a proxy's error page): worth another try."""
 
 
 @dataclass(frozen=True)
@@ -85,16 +90,19 @@ def ssh_endpoint(info: dict[str, Any]) -> tuple[str, int, bool]:
 
 
 class VastAIClient:
-    """Reads instance records from the Vast.ai API (stdlib HTTP, retries transient failures)."""
+    """Reads instance records from the Vast.ai API (httpx; transient failures retried by :class:`RetryPolicy`).
+
+    ``attempts`` tries in all, waiting ``backoff_s``, then twice that, ... (or the API's ``Retry-After``), at most
+    MAX_WAIT_S each; ``sleep`` is injectable so tests record the waits.
+    """
 
     def __init__(self, api_key: str, base_url: str = DEFAULT_URL, *, timeout_s: float = 30, attempts: int = 4,
                  backoff_s: float = 1.0, sleep: Callable[[float], None] | None = None) -> None:
         self._api_key = api_key
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
-        self.attempts = max(1, attempts)
-        self.backoff_s = backoff_s
-        self._sleep = sleep or (lambda seconds: time.sleep(seconds))
+        self.policy = RetryPolicy(attempts=max(1, attempts), base_wait_s=backoff_s, max_wait_s=MAX_WAIT_S,
+                                  sleep=sleep or time.sleep)
 
     def __repr__(self) -> str:
         return f"VastAIClient(base_url={self.base_url!r})"  # never the key
@@ -126,47 +134,52 @@ class VastAIClient:
         return instance
 
     def _get(self, path: str, query: dict[str, str], *, what: str) -> Any:
-        url = f"{self.base_url}{path}?" + "&".join(f"{k}={v}" for k, v in query.items())
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self._api_key}",
-                                                       "Accept": "application/json"})
-        delay = self.backoff_s
-        for attempt in range(1, self.attempts + 1):
+        headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
+
+        def once(client: httpx.Client) -> Any:
+            response = client.get(f"{self.base_url}{path}", params=query, headers=headers)
+            if response.status_code in RETRY_STATUSES:
+                response.raise_for_status()
+            if response.is_error:
+                raise self._refused(response.status_code, what)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read() or b"{}")
-            except urllib.error.HTTPError as err:
-                status = err.code
-                retry_after = _retry_after(err.headers.get("Retry-After") if err.headers else None)
-                err.close()
-                if status in (401, 403):
-                    raise VastAIError(f"the Vast.ai API rejected the API key (HTTP {status}) reading {what}",
-                                      fix="put a valid key in the password of connection 'vastai_default' (or "
-                                          "VAST_API_KEY)") from None
-                if status == 404:
-                    raise VastAIError(f"Vast.ai knows no {what} (HTTP 404)",
-                                      fix="check source.instance_id against `vastai show instances`") from None
-                if status not in _TRANSIENT_STATUS:
-                    raise VastAIError(f"the Vast.ai API answered HTTP {status} reading {what}",
-                                      fix="check the API URL and the instance id") from None
-                problem = f"HTTP {status}"
-                delay = max(delay, retry_after or 0)
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                problem = type(err).__name__ + (f" ({err.reason})" if isinstance(err, urllib.error.URLError) else "")
+                return response.json() if response.content else {}
             except ValueError as err:
-                problem = f"an answer that is not JSON ({err})"
-            if attempt == self.attempts:
-                raise VastAITransientError(f"the Vast.ai API at {self.base_url} failed {self.attempts} times reading "
-                                           f"{what}; last: {problem}",
-                                           fix="the task retries later; check https://status.vast.ai if it persists")
-            log.warning("Vast.ai API: %s reading %s (attempt %d/%d); retrying in %.1f s", problem, what, attempt,
-                        self.attempts, delay)
-            self._sleep(delay)
-            delay = delay * 2 if delay else 0
-        raise AssertionError("unreachable")
+                raise _NotJSON(f"an answer that is not JSON ({err})") from err
+
+        def log_retry(failures: int, wait: float, error: BaseException) -> None:
+            log.warning("Vast.ai API: %s reading %s (attempt %d/%d); retrying in %.1f s", _problem(error), what,
+                        failures, self.policy.attempts, wait)
+
+        with httpx.Client(timeout=self.timeout_s) as client:
+            try:
+                return self.policy.call(lambda: once(client), on_retry=log_retry,
+                                        transient=lambda e: isinstance(e, _NotJSON) or is_transient(e))
+            except (httpx.HTTPError, _NotJSON) as err:
+                if not isinstance(err, _NotJSON) and not is_transient(err):
+                    raise VastAIError(f"cannot call the Vast.ai API at {self.base_url} reading {what}: "
+                                      f"{_problem(err)}", fix="check the API URL (scheme, host)") from err
+                raise VastAITransientError(f"the Vast.ai API at {self.base_url} failed {self.policy.attempts} times "
+                                           f"reading {what}; last: {_problem(err)}",
+                                           fix="the task retries later; check https://status.vast.ai if it "
+                                               "persists") from err
+
+    @staticmethod
+    def _refused(status: int, what: str) -> VastAIError:
+        """The non-retryable error of an HTTP status that is not transient."""
+        if status in (401, 403):
+            return VastAIError(f"the Vast.ai API rejected the API key (HTTP {status}) reading {what}",
+                               fix="put a valid key in the password of connection 'vastai_default' (or "
+                                   "VAST_API_KEY)")
+        if status == 404:
+            return VastAIError(f"Vast.ai knows no {what} (HTTP 404)",
+                               fix="check source.instance_id against `vastai show instances`")
+        return VastAIError(f"the Vast.ai API answered HTTP {status} reading {what}",
+                           fix="check the API URL and the instance id")
 
 
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return min(float(value), 300.0) if value else None
-    except ValueError:
-        return None
+def _problem(error: BaseException) -> str:
+    """What went wrong in one try, without the request URL (it carries no secret, but is long)."""
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"HTTP {error.response.status_code}"
+    return str(error) if isinstance(error, _NotJSON) else describe(error)

@@ -1,10 +1,15 @@
 """The content-addressed artifact store: ``<root>/<model>/<stage>/<key>/`` with ``manifest.json`` written last.
 
 A stage's key is a digest of everything its output depends on (input hashes, parameters, tool version).
-A stage builds into a hidden temp directory beside its final place, renames it into place and only then
-writes ``manifest.json``. So a directory without a manifest is never an input: it is the remains of a
-killed attempt, removed by the next build of that key. A key whose manifest exists is returned at once:
-re-runs, retries and backfills with the same inputs do no work.
+A stage builds into a hidden scratch directory beside its final place (:mod:`include.store.scratch`), renames it
+into place and only then writes ``manifest.json``. So a directory without a manifest is never an input: it is the
+remains of a killed attempt. A key whose manifest exists is returned at once: re-runs, retries and backfills with
+the same inputs do no work.
+
+Every build first sweeps its stage directory: scratch whose writer is gone (killed, crashed, on any host: the
+writer's ``flock`` tells), manifest-less outputs nobody is finishing, and stale download resume caches. Every
+lookup and build marks the entry as used by the current run (:mod:`include.store.leases`), which is what
+:mod:`include.store.retention` asks before it collects anything.
 """
 
 from __future__ import annotations
@@ -12,21 +17,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from include.store import leases, scratch
 from include.store.hashing import digest_of, sha256_file
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-_TMP_MARK = ".tmp-"
-_PARTIAL_MARK = ".partial-"
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,18 @@ class StageResult:
 
 
 class ArtifactStore:
-    """Stage outputs under one root, addressed by model, stage and input key."""
+    """Stage outputs under one root, addressed by model, stage and input key.
 
-    def __init__(self, root: str | Path) -> None:
+    ``holder`` names who uses the entries this store object looks up or builds (default: the current run, see
+    :func:`include.store.leases.current_holder`); ``stale_after_s`` is how long an untouched download resume cache
+    is kept for a retry.
+    """
+
+    def __init__(self, root: str | Path, *, holder: str | None = None,
+                 stale_after_s: float = scratch.DEFAULT_STALE_S) -> None:
         self.root = Path(root)
+        self.holder = holder
+        self.stale_after_s = stale_after_s
 
     def stage_dir(self, model: str, stage: str, key: str) -> Path:
         """The final directory of one stage output."""
@@ -70,16 +80,30 @@ class ArtifactStore:
         It survives a failed attempt (unlike ``build``'s temp dir) so a retry can resume; the caller
         removes it once the output is complete. It never counts as an output (hidden, no manifest).
         """
-        return self.root / model / stage / f"{_PARTIAL_MARK}{key}"
+        return self.root / model / stage / scratch.resume_cache_name(key)
 
     def lookup(self, model: str, stage: str, key: str) -> StageResult | None:
-        """The completed output for this key, or None (a directory without a valid manifest is not one)."""
+        """The completed output for this key, or None (a directory without a valid manifest is not one).
+
+        A found output is marked as used by this store's holder first; if collection removed it meanwhile, the
+        answer is None, so the caller builds it again instead of reading a path that is gone.
+        """
         path = self.stage_dir(model, stage, key)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError):
             return None
+        self.mark_used(model, stage, key)
+        if not (path / MANIFEST).is_file():
+            return None
         return StageResult(path=path, manifest=manifest, reused=True)
+
+    def mark_used(self, model: str, stage: str, key: str) -> None:
+        """Record that this store's holder uses ``<stage>/<key>`` now (see :mod:`include.store.leases`)."""
+        try:
+            leases.take(self.root / model, stage, key, self.holder)
+        except OSError as err:  # a read-only store can still be read: collection is then not our concern
+            log.warning("cannot mark %s/%s/%s as in use: %s", model, stage, key, err)
 
     def find_file(self, model: str, stage: str, sha256: str) -> Path | None:
         """A file with this sha256 in any completed output of the stage (for reuse instead of a new fetch)."""
@@ -116,8 +140,10 @@ class ArtifactStore:
             return found
         final = self.stage_dir(model, stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temps(final)
-        tmp = final.parent / f".{key}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.mark_used(model, stage, key)  # before the output exists: no collector may take it once it does
+        self.sweep(model, stage)
+        work = scratch.claim(final, "tmp")  # holds its lock (and produce's own scratch) until the manifest exists
+        tmp = work / "out"
         tmp.mkdir()
         try:
             extra = produce(tmp) or {}
@@ -133,29 +159,45 @@ class ArtifactStore:
                 "bytes": sum(f["bytes"] for f in files),
                 "sha256": digest_of(files, length=64),
             }
-            self._move_into_place(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _write_json_atomically(final / MANIFEST, manifest)
+            _move_into_place(tmp, final)
+            _write_json_atomically(final / MANIFEST, manifest)
+        finally:
+            scratch.discard(work)
         log.info("%s/%s: wrote %s (%d files, %.1f MB)", model, stage, final, len(files), manifest["bytes"] / 1e6)
         return StageResult(path=final, manifest=manifest, reused=False)
 
-    def _move_into_place(self, tmp: Path, final: Path) -> None:
-        if final.exists():
-            # A manifest-less leftover of a killed attempt, or an output being replaced by force.
-            trash = final.parent / f".{final.name}{_TMP_MARK}old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)
+    def sweep(self, model: str, stage: str, *, dry_run: bool = False) -> list[scratch.Swept]:
+        """Remove the remains of killed builds from one stage directory; returns what went.
 
-    def _remove_stale_temps(self, final: Path) -> None:
-        for candidate in final.parent.glob(f".{final.name}{_TMP_MARK}*"):
-            owner = candidate.name.split(_TMP_MARK, 1)[1].split("-", 1)[0]
-            if owner.isdigit() and pid_alive(int(owner)) and int(owner) != os.getpid():
+        Dead scratch of any key (with everything inside), download resume caches untouched for ``stale_after_s``, and
+        output directories without a manifest whose builder is gone.
+        """
+        directory = self.root / model / stage
+        swept = scratch.sweep(directory, resume_caches=True, stale_after_s=self.stale_after_s, dry_run=dry_run)
+        for path in sorted(directory.iterdir()) if directory.is_dir() else ():
+            if path.name.startswith(".") or not path.is_dir() or (path / MANIFEST).is_file():
                 continue
-            log.info("removing the remains of an interrupted build: %s", candidate)
-            shutil.rmtree(candidate, ignore_errors=True)
+            if _being_finished(path):
+                continue
+            swept.append(scratch.Swept(path, scratch.freed_bytes(path), "an output without a manifest"))
+            if not dry_run:
+                log.info("removing %s: an output without a manifest (its build was killed)", path)
+                scratch.trash(path)
+        return swept
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    if final.exists():
+        # A manifest-less leftover of a killed attempt, or an output being replaced by force.
+        scratch.trash(final)
+    os.replace(tmp, final)
+
+
+def _being_finished(final: Path) -> bool:
+    """True while a live build of this key exists (it may have renamed its output into place and be writing the
+    manifest)."""
+    prefix = f".{final.name}.tmp-"
+    return any(scratch.owner_alive(p) for p in final.parent.iterdir() if p.name.startswith(prefix))
 
 
 def _describe_files(directory: Path, known: dict[str, str]) -> list[dict[str, Any]]:
@@ -167,20 +209,12 @@ def _describe_files(directory: Path, known: dict[str, str]) -> list[dict[str, An
 
 
 def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
-    with tmp.open("w") as handle:
-        json.dump(value, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (so its temp files may still be in use)."""
+    tmp = scratch.claim(path, "part", directory=False)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with tmp.open("w") as handle:
+            json.dump(value, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        scratch.finish(tmp, path)
+    finally:
+        scratch.discard(tmp)

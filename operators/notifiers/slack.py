@@ -29,12 +29,9 @@ def _post(context: Any, *, model: str, conn_id: str | None, success: bool) -> No
     if not conn_id:
         log.info("Slack notifications are off for %s (notify.slack_conn_id is empty)", model)
         return
-    from airflow.sdk import BaseHook
-    from airflow.sdk.exceptions import AirflowNotFoundException
+    from operators.hooks.slack import SlackNotifyHook
 
-    try:
-        BaseHook.get_connection(conn_id)
-    except AirflowNotFoundException:
+    if not SlackNotifyHook.connection_exists(conn_id):
         if conn_id not in _WARNED:
             _WARNED.add(conn_id)
             log.warning("no Slack connection %r: Slack notifications are skipped (create a slackwebhook connection "

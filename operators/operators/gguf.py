@@ -8,45 +8,48 @@ from __future__ import annotations
 
 import ast
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
+from include.config.sections import FidelitySettings, ImatrixSettings, QuantizeSettings
 from include.errors import GGUFError
 from include.gguf.quant_types import QUANT_TYPES
 from include.gguf.toolchain import LlamaCppToolchain, user_toolchain
 from include.store.artifacts import ArtifactStore, StageResult
-from operators.common import as_bool, engine_errors
+from operators.common import as_bool, engine_errors, section
 
 log = logging.getLogger(__name__)
 
 
 def _toolchain(llama_cpp_dir: str | None, llama_cpp_bin_dir: str | None) -> LlamaCppToolchain:
+    """The configured (or pinned) toolchain, checked: a ToolchainError (a GGUFError) names what is missing."""
     toolchain = user_toolchain(llama_cpp_dir, llama_cpp_bin_dir)
-    try:
-        toolchain.check()
-    except Exception as err:
-        raise GGUFError(str(err),
-                        fix="run `python3 -m include.cli.toolchain ensure` or fix settings.llama_cpp_dir") from err
+    toolchain.check()
     return toolchain
 
 
-def _fidelity(fidelity: dict[str, Any] | None) -> tuple[Any, Any] | tuple[None, None]:
-    """``(include.gguf.fidelity module, parsed config)`` when the gate is enabled and the module exists."""
-    if not fidelity or fidelity.get("enabled") is False:
+def _fidelity_section(fidelity: FidelitySettings | Mapping[str, Any] | None, model: str) -> FidelitySettings | None:
+    """The ``fidelity`` section an operator was given (None: the gate is off)."""
+    return section(FidelitySettings, fidelity, model=model, name="fidelity") if fidelity is not None else None
+
+
+def _fidelity(fidelity: FidelitySettings | None) -> tuple[Any, FidelitySettings] | tuple[None, None]:
+    """``(include.gguf.fidelity module, the section)`` when the gate is enabled (the module imports lazily)."""
+    if fidelity is None or not fidelity.enabled:
         return None, None
     from include.gguf import fidelity as module
 
-    config = module.fidelity_settings(fidelity)
-    return (module, config) if config is not None else (None, None)
+    return module, fidelity
 
 
-def _eval_text(config: Any) -> str | None:
-    text = getattr(config, "eval_text", None)
-    return text if isinstance(text, str) and text.strip() else None
+def _eval_text(module: Any, fidelity: FidelitySettings) -> str | None:
+    """The perplexity gate's evaluation text (read from ``eval_file`` if set), or None when it is blank."""
+    text = module.evaluation_text(fidelity).text
+    return text if text.strip() else None
 
 
 def cached_figures(artifact_root: str, model: str, inputs: dict[str, Any], compute: Callable[[], Any],
@@ -97,8 +100,9 @@ class GGUFConvertOperator(BaseOperator):
     :param adapter: the download record (``version``). (templated)
     :param quant_types: llama.cpp types, e.g. ``["Q8_0", "Q4_K_M"]``, validated here. (templated)
     :param artifact_root: root of the artifact store. (templated)
-    :param settings: ``ModelConfig.quantize.model_dump(mode="json")``.
-    :param fidelity: ``ModelConfig.fidelity.model_dump(mode="json")``; None or ``enabled: false`` skips the gate.
+    :param settings: the model's ``quantize`` section (or its ``model_dump()``).
+    :param fidelity: the model's ``fidelity`` section (or its ``model_dump()``); None or ``enabled: false`` skips
+        the gate.
     :param llama_cpp_dir: a llama.cpp checkout to use instead of the pinned one.
     :param llama_cpp_bin_dir: a dir with llama-quantize / llama-imatrix to use instead of the pinned build.
     :param force: convert again even if the output exists. (templated)
@@ -111,17 +115,17 @@ class GGUFConvertOperator(BaseOperator):
     ui_color = "#fff3e0"
 
     def __init__(self, *, model: str, merged: Any, adapter: Any, quant_types: Any, artifact_root: str,
-                 settings: dict[str, Any], fidelity: dict[str, Any] | None = None,
-                 llama_cpp_dir: str | None = None, llama_cpp_bin_dir: str | None = None,
-                 force: bool | str = False, **kwargs: Any) -> None:
+                 settings: QuantizeSettings | Mapping[str, Any],
+                 fidelity: FidelitySettings | Mapping[str, Any] | None = None, llama_cpp_dir: str | None = None,
+                 llama_cpp_bin_dir: str | None = None, force: bool | str = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model = model
         self.merged = merged
         self.adapter = adapter
         self.quant_types = quant_types
         self.artifact_root = artifact_root
-        self.settings = settings
-        self.fidelity = fidelity
+        self.settings = section(QuantizeSettings, settings, model=model, name="quantize")
+        self.fidelity = _fidelity_section(fidelity, model)
         self.llama_cpp_dir = llama_cpp_dir
         self.llama_cpp_bin_dir = llama_cpp_bin_dir
         self.force = force
@@ -133,23 +137,22 @@ class GGUFConvertOperator(BaseOperator):
         from include.gguf.convert import convert_to_gguf
         from include.gguf.metadata import disk_preflight, gguf_metadata
 
+        s = self.settings
         with engine_errors(self.model):
-            types = validated_types(self.quant_types, self.settings)
+            types = validated_types(self.quant_types, s.imatrix)
             toolchain = _toolchain(self.llama_cpp_dir, self.llama_cpp_bin_dir)
             store = ArtifactStore(self.artifact_root)
             force = as_bool(self.force)
             merged_dir = Path(self.merged["path"])  # the base model when the merge is fused into the conversion
             fused_adapter = Path(self.merged["fused_adapter"]) if self.merged.get("fused_adapter") else None
-            outtype = self.settings.get("outtype", "f16")
-            calibration = imatrix.calibration_text(self.settings.get("imatrix"))
-            pre = tokenizer_check.check_pre_tokenizer(merged_dir, toolchain.source_dir,
-                                                      self.settings.get("pre_tokenizer"))
+            outtype = s.outtype
+            calibration = imatrix.calibration_text(s.imatrix.model_dump())
+            pre = tokenizer_check.check_pre_tokenizer(merged_dir, toolchain.source_dir, s.pre_tokenizer)
             self.log.info("pre-tokenizer: %s", pre)
             metadata = gguf_metadata(self.model, self.merged, self.adapter or {}, toolchain.version)
             inputs = {"merged": self.merged["sha256"], "outtype": outtype, "metadata": metadata,
                       "llama_cpp": toolchain.version, "pre_tokenizer": pre["name"],
-                      "use_temp_file": bool(self.settings.get("use_temp_file")),
-                      "split_max_size": self.settings.get("split_max_size")}
+                      "use_temp_file": s.use_temp_file, "split_max_size": s.split_max_size}
             if force or store.lookup(self.model, "gguf", store.key_of(inputs)) is None:
                 disk_preflight(merged_dir, Path(self.artifact_root), [t for t in types if t != outtype.upper()],
                                     outtype=outtype, imatrix=calibration is not None)
@@ -157,7 +160,7 @@ class GGUFConvertOperator(BaseOperator):
             hashed: dict[str, str] = {}  # filled by convert(): the store need not read the GGUF again
 
             def convert(tmp: Path) -> dict[str, Any]:
-                check_tokens = self.settings.get("check_tokenizer", True)
+                check_tokens = s.check_tokenizer
                 # The HF side of the token comparison (transformers import, tokenizer load) needs only the
                 # merged dir: it runs on this process's thread while the converter subprocess writes the GGUF.
                 with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-tokens") as pool:
@@ -165,8 +168,7 @@ class GGUFConvertOperator(BaseOperator):
                     summary = convert_to_gguf(
                         merged_dir, tmp / f"{self.model}-{outtype.upper()}.gguf", toolchain=toolchain,
                         outtype=outtype, metadata=metadata, pre_tokenizer=pre["name"] if pre["mapped"] else None,
-                        use_temp_file=bool(self.settings.get("use_temp_file")),
-                        split_max_size=self.settings.get("split_max_size"), fused_adapter=fused_adapter)
+                        use_temp_file=s.use_temp_file, split_max_size=s.split_max_size, fused_adapter=fused_adapter)
                     checks: dict[str, Any] = {"chat_template": tokenizer_check.check_chat_template(summary.metadata,
                                                                                                    merged_dir)}
                     if reference is not None:
@@ -192,16 +194,17 @@ class GGUFConvertOperator(BaseOperator):
     def _fidelity_gate(self, merged_dir: Path, base: dict[str, Any], force: bool,
                        fused_adapter: Path | None = None) -> dict[str, Any] | None:
         module, config = _fidelity(self.fidelity)
-        if module is None:
+        if module is None or config is None:
             return None
+        text = _eval_text(module, config)  # read first: a missing eval_file fails before any model is loaded
         f16 = Path(base["path"])
         figures = cached_figures(self.artifact_root, self.model, {
             "check": "logits", "merged": self.merged["sha256"], "gguf": base["sha256"], "prompts": list(config.prompts),
-            "max_abs_diff": config.max_abs_diff, "max_kl": config.max_kl, "mode": config.mode,
-        }, lambda: module.compare_logits(merged_dir, f16, prompts=config.prompts, max_abs_diff=config.max_abs_diff,
-                                         max_kl=config.max_kl, mode=config.mode, fused_adapter=fused_adapter), force)
+            "max_abs_diff": config.max_abs_logit_diff, "max_kl": config.max_kl, "mode": config.mode,
+        }, lambda: module.compare_logits(merged_dir, f16, prompts=config.prompts,
+                                         max_abs_diff=config.max_abs_logit_diff, max_kl=config.max_kl,
+                                         mode=config.mode, fused_adapter=fused_adapter), force)
         self.log.info("fidelity (merged vs f16): %s", figures)
-        text = _eval_text(config)
         if text is not None:
             figures = {**figures, "perplexity_f16": cached_perplexity(self.artifact_root, self.model, module, base,
                                                                       text, config.n_ctx, force)}
@@ -214,8 +217,7 @@ class GGUFConvertOperator(BaseOperator):
         from include.gguf import imatrix
 
         text, source = calibration
-        opts = self.settings.get("imatrix") or {}
-        ctx, chunks = int(opts.get("ctx_size", 128)), int(opts.get("chunks", 8))
+        ctx, chunks = self.settings.imatrix.ctx_size, self.settings.imatrix.chunks
 
         def produce(tmp: Path) -> dict[str, Any]:
             imatrix.compute_imatrix(toolchain, Path(base["path"]), text, tmp / "imatrix.gguf", ctx_size=ctx,
@@ -230,7 +232,7 @@ class GGUFConvertOperator(BaseOperator):
                 "reused": result.reused}
 
 
-def validated_types(requested: Any, settings: dict[str, Any]) -> list[str]:
+def validated_types(requested: Any, imatrix: ImatrixSettings) -> list[str]:
     """The requested quantization types, normalised and checked; GGUFError naming the bad ones and the fix."""
     if isinstance(requested, str) and requested.strip().startswith("["):
         try:
@@ -247,8 +249,7 @@ def validated_types(requested: Any, settings: dict[str, Any]) -> list[str]:
     if len(set(types)) != len(types):
         raise GGUFError(f"duplicate quantization types in {types!r}", fix="list each type once")
     iq = [t for t in types if t.startswith("IQ")]
-    imatrix = settings.get("imatrix") or {}
-    if iq and not (imatrix.get("calibration_file") or imatrix.get("use_builtin_text")):
+    if iq and not imatrix.configured:
         raise GGUFError(f"quantization type(s) {iq} need an importance matrix, but no calibration text is configured",
                         fix="set quantize.imatrix.calibration_file (a text file) or quantize.imatrix.use_builtin_text:"
                             " true, or drop the IQ types")
@@ -266,8 +267,8 @@ class GGUFQuantizeOperator(BaseOperator):
     :param converted: the convert record (``base``, ``imatrix``, ``fidelity``). (templated)
     :param quant_type: the one llama.cpp type of this map index, e.g. ``Q4_K_M``. (templated)
     :param artifact_root: root of the artifact store. (templated)
-    :param settings: ``ModelConfig.quantize.model_dump(mode="json")``.
-    :param fidelity: ``ModelConfig.fidelity.model_dump(mode="json")``; None or ``enabled: false`` skips it.
+    :param settings: the model's ``quantize`` section (or its ``model_dump()``, as ``partial()`` needs).
+    :param fidelity: the model's ``fidelity`` section (or its ``model_dump()``); None or ``enabled: false`` skips it.
     :param llama_cpp_dir: a llama.cpp checkout to use instead of the pinned one.
     :param llama_cpp_bin_dir: a dir with llama-quantize / llama-imatrix to use instead of the pinned build.
     :param force: quantize again even if the output exists. (templated)
@@ -280,16 +281,16 @@ class GGUFQuantizeOperator(BaseOperator):
     ui_color = "#ffe0b2"
 
     def __init__(self, *, model: str, converted: Any, quant_type: str, artifact_root: str,
-                 settings: dict[str, Any], fidelity: dict[str, Any] | None = None,
-                 llama_cpp_dir: str | None = None, llama_cpp_bin_dir: str | None = None,
-                 force: bool | str = False, **kwargs: Any) -> None:
+                 settings: QuantizeSettings | Mapping[str, Any],
+                 fidelity: FidelitySettings | Mapping[str, Any] | None = None, llama_cpp_dir: str | None = None,
+                 llama_cpp_bin_dir: str | None = None, force: bool | str = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model = model
         self.converted = converted
         self.quant_type = quant_type
         self.artifact_root = artifact_root
-        self.settings = settings
-        self.fidelity = fidelity
+        self.settings = section(QuantizeSettings, settings, model=model, name="quantize")
+        self.fidelity = _fidelity_section(fidelity, model)
         self.llama_cpp_dir = llama_cpp_dir
         self.llama_cpp_bin_dir = llama_cpp_bin_dir
         self.force = force
@@ -299,7 +300,8 @@ class GGUFQuantizeOperator(BaseOperator):
         from include.gguf.quantize import check_quant_used, quantize_gguf
 
         with engine_errors(self.model):
-            quant = validated_types([self.quant_type], self.settings)[0]
+            s = self.settings
+            quant = validated_types([self.quant_type], s.imatrix)[0]
             base = dict(self.converted["base"])
             if quant == base["quant"]:
                 return {**base, "perplexity": None, "perplexity_f16": None, "ppl_ratio": None}
@@ -308,10 +310,8 @@ class GGUFQuantizeOperator(BaseOperator):
             if quant.startswith("IQ") and not imatrix:
                 raise GGUFError(f"{quant} needs an importance matrix and the convert task computed none",
                                 fix="configure quantize.imatrix.calibration_file or use_builtin_text")
-            overrides = {"output_tensor_type": self.settings.get("output_tensor_type"),
-                         "token_embedding_type": self.settings.get("token_embedding_type")}
-            min_fraction = float(self.settings.get("min_type_fraction", 0.5))
-            on_fallback = self.settings.get("on_fallback", "fail")
+            overrides = {"output_tensor_type": s.output_tensor_type, "token_embedding_type": s.token_embedding_type}
+            min_fraction, on_fallback = s.min_type_fraction, s.on_fallback
             fraction: dict[str, float] = {}
 
             hashed: dict[str, str] = {}  # filled by quantize(): the store need not read the GGUF again
@@ -343,8 +343,8 @@ class GGUFQuantizeOperator(BaseOperator):
     def _perplexity(self, quant: str, path: Path, sha256: str) -> dict[str, Any]:
         empty = {"perplexity": None, "perplexity_f16": None, "ppl_ratio": None}
         module, config = _fidelity(self.fidelity)
-        text = _eval_text(config) if module is not None else None
-        if module is None or text is None:
+        text = _eval_text(module, config) if module is not None and config is not None else None
+        if module is None or config is None or text is None:
             return empty
         n_ctx = config.n_ctx
         force = as_bool(self.force)

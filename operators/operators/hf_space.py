@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowSkipException
 
-from include.errors import PublishError
-from operators.common import engine_errors, gguf_files
+from include.config.sections import HFSettings
+from operators.common import engine_errors, gguf_files, section
+from operators.hooks.huggingface import HuggingFaceHook
 from operators.links.huggingface import HFModelRepoLink, HFSpaceLink
 
 
@@ -20,13 +21,13 @@ class HFSpaceDeployOperator(BaseOperator):
     A newer adapter version moves ``main`` and repoints the Space; an older one (a backfill, ordered by the
     adapter time of the download record) is only tagged; the same version again is a no-op. Skipped when
     ``settings`` is None (the model has no ``hf`` section). The token comes from the connection
-    ``settings["conn_id"]`` (password; its host, if set, is the Hub endpoint) or ``HF_TOKEN``; it never reaches
-    the log, the XCom or an uploaded file.
+    ``settings.conn_id`` through :class:`~operators.hooks.huggingface.HuggingFaceHook` (password; its host, if
+    set, is the Hub endpoint) or ``HF_TOKEN``; it never reaches the log, the XCom or an uploaded file.
 
     :param model: the model's name in config/models.yaml.
     :param ggufs: the quantize stage's file records (mapped task output or ``{"files": [...]}``). (templated)
     :param adapter: the download record ``{"version", "time", "path", ...}``. (templated)
-    :param settings: ``ModelConfig.hf.model_dump(mode="json")``, or None to skip.
+    :param settings: the model's ``hf`` section (or its ``model_dump()``), or None to skip.
     :param base_model: the base model, for the card's metadata.
     :param health: the smoke health report (``latency_s``, ``tokens_per_s``), for the card. (templated)
     :param converted: the convert record (``llama_cpp``, ``fidelity``), for the card. (templated)
@@ -39,35 +40,38 @@ class HFSpaceDeployOperator(BaseOperator):
     operator_extra_links = (HFModelRepoLink(), HFSpaceLink())
     ui_color = "#fffde7"
 
-    def __init__(self, *, model: str, ggufs: Any, adapter: Any, settings: dict[str, Any] | None,
+    def __init__(self, *, model: str, ggufs: Any, adapter: Any, settings: HFSettings | Mapping[str, Any] | None,
                  base_model: str = "", health: Any = None, converted: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model = model
         self.ggufs = ggufs
         self.adapter = adapter
-        self.settings = dict(settings) if settings else None
+        self.settings = section(HFSettings, settings, model=model, name="hf") if settings else None
         self.base_model = base_model
         self.health = health
         self.converted = converted
 
+    @cached_property
+    def hook(self) -> HuggingFaceHook:
+        """The Hub account of ``hf.conn_id``."""
+        return HuggingFaceHook(self.settings.conn_id if self.settings else HuggingFaceHook.default_conn_name)
+
     def execute(self, context: Context) -> dict[str, Any]:
         """Publish, or skip when the model has no Hugging Face target."""
-        if not self.settings:
+        s = self.settings
+        if s is None:
             raise AirflowSkipException(f"model {self.model!r} has no `hf` section: nothing to publish")
         from include.hub.publish import HubTarget, publish_model
 
-        s = self.settings
         with engine_errors(self.model):
             adapter = self.adapter if isinstance(self.adapter, dict) else {}
             version = str(adapter.get("version") or adapter.get("adapter_version") or "")
-            token, endpoint = hub_credentials(s.get("conn_id") or "huggingface_default")
-            target = HubTarget(repo_id=s["repo_id"], space_id=s.get("space_id"), private=bool(s.get("private", True)),
-                               token=token, endpoint=endpoint, space_hardware=s.get("space_hardware") or "cpu-basic",
-                               space_quant=s.get("space_quant"),
-                               system_prompt=s.get("system_prompt") or "You are a helpful assistant.",
-                               max_retries=int(s.get("max_retries", 4)))
+            credentials = self.hook.get_credentials()
+            target = HubTarget(repo_id=s.repo_id, space_id=s.space_id, private=s.private, token=credentials.token,
+                               endpoint=credentials.endpoint, space_hardware=s.space_hardware,
+                               space_quant=s.space_quant, system_prompt=s.system_prompt, max_retries=s.max_retries)
             health = self.health if isinstance(self.health, dict) else {}
-            card = {"base_model": self.base_model, "adapter_source": adapter.get("source") or adapter.get("path", ""),
+            card = {"base_model": self.base_model, "adapter_source": adapter.get("source") or adapter.get("path"),
                     "adapter_version": version, "health": {k: health.get(k) for k in ("latency_s", "tokens_per_s")
                                                            if health.get(k) is not None},
                     "converted": self.converted if isinstance(self.converted, dict) else None}
@@ -76,28 +80,3 @@ class HFSpaceDeployOperator(BaseOperator):
         self.log.info("published %s: commit %s, tag %s, main moved: %s, Space: %s", record["repo_id"],
                       record["commit"], record["tag"], record["main_moved"], record["space_action"] or "untouched")
         return record
-
-
-def hub_credentials(conn_id: str) -> tuple[str, str | None]:
-    """``(token, endpoint)`` from the connection ``conn_id`` (password; host = endpoint) or HF_TOKEN/HF_ENDPOINT."""
-    from airflow.sdk import BaseHook
-    from airflow.sdk.exceptions import AirflowNotFoundException
-
-    try:
-        conn = BaseHook.get_connection(conn_id)
-    except AirflowNotFoundException:
-        conn = None
-    return credentials_from(conn, conn_id)
-
-
-def credentials_from(conn: Any, conn_id: str) -> tuple[str, str | None]:
-    """``(token, endpoint)`` from a connection object (or None: HF_TOKEN / HF_ENDPOINT); PublishError without one."""
-    token = (conn.password if conn else None) or os.environ.get("HF_TOKEN")
-    if not token:
-        raise PublishError(f"no Hugging Face token: connection {conn_id!r} has no password and HF_TOKEN is unset",
-                           fix=f"create the connection {conn_id!r} with a 'write' token as password, or set HF_TOKEN")
-    endpoint = None
-    if conn and conn.host:
-        endpoint = conn.host if "://" in conn.host else f"{conn.schema or 'https'}://{conn.host}"
-        endpoint += f":{conn.port}" if conn.port else ""
-    return token, endpoint or os.environ.get("HF_ENDPOINT")

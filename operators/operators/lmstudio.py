@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
-from operators.common import engine_errors, gguf_files
+from include.config.sections import LMStudioSettings
+from operators.common import engine_errors, gguf_files, section
 
 
 def run_id_of(context: Context) -> str | None:
@@ -28,7 +29,7 @@ class LMStudioDeployOperator(BaseOperator):
     :param ggufs: the quantize stage's output (mapped per-quant records or ``{"files": [...]}``). (templated)
     :param adapter: the download record (``version``, ``time``). (templated)
     :param artifact_root: where the deployments ledger lives. (templated)
-    :param settings: ``ModelConfig.lmstudio.model_dump(mode="json")``.
+    :param settings: the model's ``lmstudio`` section (or its ``model_dump()``).
 
     Returns ``{"models_dir", "directory", "version", "adapter_time", "identifier",
     "installed": [{"quant", "path", "identifier", "bytes", "sha256", "linked"}], "pruned": [...], "noop"}``.
@@ -37,21 +38,22 @@ class LMStudioDeployOperator(BaseOperator):
     template_fields: Sequence[str] = ("ggufs", "adapter", "artifact_root")
     ui_color = "#e8f5e9"
 
-    def __init__(self, *, model: str, ggufs: Any, adapter: Any, artifact_root: str, settings: dict[str, Any],
-                 **kwargs: Any) -> None:
+    def __init__(self, *, model: str, ggufs: Any, adapter: Any, artifact_root: str,
+                 settings: LMStudioSettings | Mapping[str, Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model = model
         self.ggufs = ggufs
         self.adapter = adapter
         self.artifact_root = artifact_root
-        self.settings = dict(settings)
+        self.settings = section(LMStudioSettings, settings, model=model, name="lmstudio")
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Install, record in the ledger, prune; return the install record."""
         from include.lmstudio.deploy import deploy
 
         with engine_errors(self.model):
-            record = deploy(gguf_files(self.ggufs), dict(self.adapter), model=self.model, settings=self.settings,
+            record = deploy(gguf_files(self.ggufs), dict(self.adapter), model=self.model,
+                            settings=self.settings.model_dump(),
                             artifact_root=str(self.artifact_root), run_id=run_id_of(context))
         if record["noop"]:
             self.log.info("%s %s: already installed with the same bytes, nothing changed", self.model,

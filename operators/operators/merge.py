@@ -8,10 +8,11 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
+from include.config.sections import MergeSettings
 from include.merge.base_model import fingerprint, resolve_base_model
 from include.store.artifacts import ArtifactStore
 from include.store.hashing import digest_of
-from operators.common import as_bool, engine_errors
+from operators.common import as_bool, engine_errors, section
 
 MERGE_ENGINE_VERSION = "2"  # 2: float64 merge math, DoRA/bias/embedding/modules_to_save
 
@@ -23,9 +24,12 @@ class MergeOperator(BaseOperator):
     :param adapter: the download record (``path``, ``sha256``, ``version``). (templated)
     :param base_model: a local model directory or a Hugging Face repo id in the local cache. (templated)
     :param artifact_root: root of the artifact store. (templated)
-    :param dtype: output dtype: auto, float32, float16 or bfloat16.
-    :param backend: streaming (default: exact, constant memory), fused, peft, unsloth (CUDA only) or auto.
-    :param max_shard_mb: largest output shard.
+    :param dtype: output dtype: auto, float32, float16 or bfloat16 (``merge.dtype``).
+    :param backend: streaming (exact, constant memory), fused, peft, unsloth (CUDA only) or auto (``merge.backend``).
+    :param max_shard_mb: largest output shard (``merge.max_shard_mb``).
+
+    ``dtype``, ``backend`` and ``max_shard_mb`` are the ``merge`` section's fields, validated by it; one left out
+    (None) takes the section's default.
     :param force: merge again even if this merge exists. (templated)
 
     With ``backend="fused"`` nothing is merged here: the adapter is validated against the base and the record
@@ -46,9 +50,9 @@ class MergeOperator(BaseOperator):
         adapter: Any,
         base_model: str,
         artifact_root: str,
-        dtype: str = "auto",
-        backend: str = "streaming",
-        max_shard_mb: int = 2048,
+        dtype: str | None = None,
+        backend: str | None = None,
+        max_shard_mb: int | None = None,
         force: bool | str = False,
         **kwargs: Any,
     ) -> None:
@@ -57,9 +61,9 @@ class MergeOperator(BaseOperator):
         self.adapter = adapter
         self.base_model = base_model
         self.artifact_root = artifact_root
-        self.dtype = dtype
-        self.backend = backend
-        self.max_shard_mb = max_shard_mb
+        chosen = {"dtype": dtype, "backend": backend, "max_shard_mb": max_shard_mb}
+        self.settings = section(MergeSettings, {k: v for k, v in chosen.items() if v is not None}, model=model,
+                                name="merge")
         self.force = force
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -69,19 +73,20 @@ class MergeOperator(BaseOperator):
         with engine_errors(self.model):
             base_dir = resolve_base_model(self.base_model)
             adapter_dir = Path(self.adapter["path"])
-            if self.backend == "fused":
+            s = self.settings
+            if s.backend == "fused" or (s.backend == "auto" and s.dtype == "auto" and _fusable(base_dir, adapter_dir)):
                 return self._fused(base_dir, adapter_dir)
-            backend = choose_backend(self.backend, adapter_dir)
-            inputs = {"adapter": self.adapter["sha256"], "base": fingerprint(base_dir), "dtype": self.dtype,
-                      "max_shard_mb": self.max_shard_mb, "engine": f"{backend}-{MERGE_ENGINE_VERSION}"}
+            backend = choose_backend(s.backend, adapter_dir)
+            inputs = {"adapter": self.adapter["sha256"], "base": fingerprint(base_dir), "dtype": s.dtype,
+                      "max_shard_mb": s.max_shard_mb, "engine": f"{backend}-{MERGE_ENGINE_VERSION}"}
 
             def produce(tmp: Path) -> dict[str, Any]:
-                return merge_model(base_dir, adapter_dir, tmp, backend=backend, dtype=self.dtype,
-                                   expected_base=self.base_model, max_shard_bytes=self.max_shard_mb * 1024 * 1024)
+                return merge_model(base_dir, adapter_dir, tmp, backend=backend, dtype=s.dtype,
+                                   expected_base=self.base_model, max_shard_bytes=s.max_shard_mb * 1024 * 1024)
 
             result = ArtifactStore(self.artifact_root).build(self.model, "merged", inputs, produce,
                                                              force=as_bool(self.force))
-        return result.record(dtype=result.manifest.get("dtype", self.dtype), adapter_version=self.adapter["version"],
+        return result.record(dtype=result.manifest.get("dtype", s.dtype), adapter_version=self.adapter["version"],
                              base_model=self.base_model, backend=result.manifest.get("backend", backend))
 
     def _fused(self, base_dir: Path, adapter_dir: Path) -> dict[str, Any]:
@@ -98,3 +103,15 @@ class MergeOperator(BaseOperator):
         return {"path": str(base_dir), "fused_adapter": str(adapter_dir), "key": key, "sha256": key, "bytes": 0,
                 "dtype": dtypes.pop() if len(dtypes) == 1 else "auto", "adapter_version": self.adapter["version"],
                 "base_model": self.base_model, "backend": "fused", "reused": False}
+
+
+def _fusable(base_dir: Path, adapter_dir: Path) -> bool:
+    """Backend ``auto``: True when the merge can be fused into the conversion (no merged model on disk)."""
+    from include.errors import MergeError
+    from include.merge.fused import check_fusable
+
+    try:
+        check_fusable(base_dir, adapter_dir)
+    except MergeError:
+        return False
+    return True

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from airflow.providers.standard.utils.skipmixin import SkipMixin
-from airflow.sdk import BaseHook, BaseOperator, Context
+from airflow.sdk import BaseOperator, Context
 
+from include.config.sections import HFSettings, MergeSettings, QuantizeSettings, VastAISource
 from include.errors import ConfigError
 from include.gguf.quant_types import QUANT_TYPES
 from include.plan import DeployPlan, check_targets, count_parameters, disk_check, estimate_outputs, require_space
 from include.source.download import select_checkpoint
-from operators.common import as_bool, engine_errors
-from operators.hooks.training_box import SourceOpener
-from operators.operators.download import dated_selection
+from operators.common import SourceSettings, as_bool, engine_errors, section, source_section
+from operators.hooks.huggingface import TOKEN_ENV, HuggingFaceHook
+from operators.hooks.training_box import TrainingBoxHook
+from operators.hooks.vastai import API_KEY_ENV
+from operators.operators.download import CheckpointSourceMixin, dated_selection
 
 # Runs that nobody started by hand: when their adapter is already deployed they end at once.
 UNATTENDED_RUN_TYPES = ("scheduled", "backfill", "asset_triggered")
@@ -24,7 +26,7 @@ UNATTENDED_RUN_TYPES = ("scheduled", "backfill", "asset_triggered")
 DEPLOYED_STATUSES = ("current", "installed", "retired")
 
 
-class DeployPlanOperator(BaseOperator, SkipMixin):
+class DeployPlanOperator(CheckpointSourceMixin, BaseOperator, SkipMixin):
     """The first task of a deploy run: decide what the run does before anything is written.
 
     It selects the adapter version (the run's ``adapter_version``; else the newest asset event's
@@ -39,12 +41,12 @@ class DeployPlanOperator(BaseOperator, SkipMixin):
 
     :param model: the model's name in config/models.yaml.
     :param artifact_root: root of the artifact store. (templated)
-    :param source: the model's ``source`` config as a dict.
+    :param source: the model's ``source`` section (or its ``model_dump()``).
     :param base_model: the base model directory or repo id.
-    :param merge_dtype: the merge's output dtype (``auto`` keeps the base's; ``fused``: nothing merged is written).
-    :param outtype: the converter's full-precision type (f16, bf16, f32).
+    :param merge: the model's ``merge`` section (its dtype; ``fused``: nothing merged is written); None: defaults.
+    :param quantize: the model's ``quantize`` section (the converter's ``outtype``); None: defaults.
     :param lmstudio_dir: LM Studio's models directory, or None when it is discovered at install time.
-    :param hf: the model's ``hf`` config as a dict, or None.
+    :param hf: the model's ``hf`` section (or its ``model_dump()``), or None.
     :param slack_conn_id: the Slack webhook connection (a missing one is a warning, not an error).
     :param target_tasks: task ids per target, skipped when the run leaves the target out.
     :param adapter_version: a checkpoint name, or empty to select one. (templated)
@@ -62,21 +64,22 @@ class DeployPlanOperator(BaseOperator, SkipMixin):
                                       "force", "promote", "dry_run")
     ui_color = "#eceff1"
 
-    def __init__(self, *, model: str, artifact_root: str, source: dict[str, Any], base_model: str,
-                 merge_dtype: str = "auto", outtype: str = "f16", lmstudio_dir: str | None = None,
-                 hf: dict[str, Any] | None = None, slack_conn_id: str | None = None,
+    def __init__(self, *, model: str, artifact_root: str, source: SourceSettings | Mapping[str, Any],
+                 base_model: str, merge: MergeSettings | Mapping[str, Any] | None = None,
+                 quantize: QuantizeSettings | Mapping[str, Any] | None = None, lmstudio_dir: str | None = None,
+                 hf: HFSettings | Mapping[str, Any] | None = None, slack_conn_id: str | None = None,
                  target_tasks: dict[str, list[str]] | None = None, adapter_version: Any = None,
                  instance_id: Any = None, quant_types: Any = (), targets: Any = ("lmstudio", "huggingface"),
                  force: Any = False, promote: Any = False, dry_run: Any = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model = model
         self.artifact_root = artifact_root
-        self.source = source
+        self.source = source_section(source, model=model)
         self.base_model = base_model
-        self.merge_dtype = merge_dtype
-        self.outtype = outtype
+        self.merge = section(MergeSettings, merge, model=model, name="merge")
+        self.quantize = section(QuantizeSettings, quantize, model=model, name="quantize")
         self.lmstudio_dir = lmstudio_dir
-        self.hf = hf
+        self.hf = section(HFSettings, hf, model=model, name="hf") if hf is not None else None
         self.slack_conn_id = slack_conn_id
         self.target_tasks = target_tasks or {}
         self.adapter_version = adapter_version
@@ -110,8 +113,9 @@ class DeployPlanOperator(BaseOperator, SkipMixin):
             requested, selected_by = str(event["adapter_version"]), "asset event"
         instance_id = str(self.instance_id or "").strip() or str(event.get("instance_id") or "").strip() or None
         not_after = None if requested else dated_selection(context)
-        opener = SourceOpener.from_config(self.source, instance_id=instance_id)
-        with opener.open() as source:
+        if instance_id and isinstance(self.source, VastAISource):
+            self.source = source_section({**self.source.model_dump(), "instance_id": instance_id}, model=self.model)
+        with self.open_source() as source:
             checkpoint = select_checkpoint(source.list_checkpoints(), requested, where=source.description,
                                            not_after=not_after)
             where = source.description
@@ -120,16 +124,17 @@ class DeployPlanOperator(BaseOperator, SkipMixin):
         from include.merge.base_model import resolve_base_model
 
         parameters, base_bytes = count_parameters(resolve_base_model(self.base_model))
-        outputs = estimate_outputs(parameters, base_bytes, self.merge_dtype, self.outtype, quant_types)
+        outputs = estimate_outputs(parameters, base_bytes, self.merge_dtype, self.quantize.outtype, quant_types)
         current, deployed = self._ledger()
         plan = DeployPlan(
             model=self.model, version=checkpoint.name, adapter_time=_iso(checkpoint.mtime), selected_by=selected_by,
             source=where, base_model=self.base_model, parameters=parameters,
             merge_dtype=self.merge_dtype, quant_types=quant_types, targets=targets, outputs=outputs,
-            lmstudio_dir=self.lmstudio_dir, hf_repo=(self.hf or {}).get("repo_id"),
-            hf_space=(self.hf or {}).get("space_id"), current_version=current,
+            lmstudio_dir=self.lmstudio_dir, hf_repo=self.hf.repo_id if self.hf else None,
+            hf_space=self.hf.space_id if self.hf else None, current_version=current,
             already_deployed=checkpoint.name in deployed, dry_run=as_bool(self.dry_run),
-            promote=as_bool(self.promote), instance_id=opener.instance_id)
+            promote=as_bool(self.promote),
+            instance_id=self.source.instance_id if isinstance(self.source, VastAISource) else None)
         plan.disk.append(disk_check(Path(self.artifact_root), sum(o["bytes"] for o in outputs)))
         if "lmstudio" in targets and self.lmstudio_dir:
             quants = sum(o["bytes"] for o in outputs if o["name"] in quant_types)
@@ -141,6 +146,15 @@ class DeployPlanOperator(BaseOperator, SkipMixin):
         if not plan.dry_run:
             require_space(plan)
         return plan
+
+    @property
+    def merge_dtype(self) -> str:
+        """The merge's output dtype for the estimates: ``fused`` writes no merged model, ``auto`` keeps the base's."""
+        return "fused" if self.merge.backend == "fused" else self.merge.dtype
+
+    def source_settings(self) -> SourceSettings:
+        """The model's ``source`` section (with this run's Vast.ai instance, once the plan has chosen it)."""
+        return self.source
 
     def _quant_types(self) -> list[str]:
         requested = self.quant_types if isinstance(self.quant_types, (list, tuple)) else [self.quant_types]
@@ -162,30 +176,25 @@ class DeployPlanOperator(BaseOperator, SkipMixin):
         return dict(getattr(newest, "extra", None) or {})
 
     def _check_connections(self, targets: list[str]) -> None:
-        from airflow.sdk.exceptions import AirflowNotFoundException
-
-        needed: list[tuple[str, str, str | None]] = []  # (conn_id, config field, env var that may stand in)
-        if self.source.get("ssh_conn_id"):
-            needed.append((self.source["ssh_conn_id"], "source.ssh_conn_id", None))
-        if self.source.get("kind") == "vastai":
-            needed.append((self.source.get("vastai_conn_id") or "vastai_default", "source.vastai_conn_id",
-                           "VAST_API_KEY"))
-        if "huggingface" in targets and self.hf:
-            needed.append((self.hf.get("conn_id") or "huggingface_default", "hf.conn_id", "HF_TOKEN"))
-        for conn_id, where, env in needed:
-            if env and os.environ.get(env):
-                continue
-            try:
-                BaseHook.get_connection(conn_id)
-            except AirflowNotFoundException:
-                raise ConfigError(
-                    f"connection {conn_id!r} (models.{self.model}.{where}) does not exist",
-                    fix=f"create it in Admin > Connections or as AIRFLOW_CONN_{conn_id.upper()}"
-                        + (f", or set {env}" if env else "")) from None
+        """Every connection the run needs exists (or its environment variable stands in); the hooks answer."""
+        source = self.source
+        missing: list[tuple[str, str, str | None]] = []  # (conn_id, config field, env var that may stand in)
+        ssh_conn_id = getattr(source, "ssh_conn_id", None)
+        if ssh_conn_id and not TrainingBoxHook.connection_exists(ssh_conn_id):
+            missing.append((ssh_conn_id, "source.ssh_conn_id", None))
+        if isinstance(source, VastAISource) and not self.vastai_hook.has_credentials():
+            missing.append((source.vastai_conn_id, "source.vastai_conn_id", API_KEY_ENV))
+        if "huggingface" in targets and self.hf and not HuggingFaceHook(self.hf.conn_id).has_credentials():
+            missing.append((self.hf.conn_id, "hf.conn_id", TOKEN_ENV))
+        if missing:
+            conn_id, where, env = missing[0]
+            raise ConfigError(f"connection {conn_id!r} (models.{self.model}.{where}) does not exist",
+                              fix=f"create it in Admin > Connections or as AIRFLOW_CONN_{conn_id.upper()}"
+                                  + (f", or set {env}" if env else ""))
         if self.slack_conn_id:
-            try:
-                BaseHook.get_connection(self.slack_conn_id)
-            except AirflowNotFoundException:
+            from operators.hooks.slack import SlackNotifyHook
+
+            if not SlackNotifyHook.connection_exists(self.slack_conn_id):
                 self.log.warning("no Slack connection %r: this run's result will not be posted", self.slack_conn_id)
 
     def _ledger(self) -> tuple[str | None, set[str]]:

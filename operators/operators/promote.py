@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from operators.common import as_bool, engine_errors
+from include.config.sections import LMStudioSettings
+from operators.common import as_bool, engine_errors, section
 from operators.operators.lmstudio import run_id_of
 
 
@@ -21,7 +22,7 @@ class LMStudioPromoteOperator(BaseOperator):
     ``promoted: False`` (a backfill never replaces a newer model).
 
     :param model: the model's name. :param artifact_root: where the ledger lives. (templated)
-    :param settings: ``ModelConfig.lmstudio.model_dump(mode="json")``.
+    :param settings: the model's ``lmstudio`` section (or its ``model_dump()``).
     :param installed: the install task's record. (templated) :param version: a version to promote. (templated)
     :param promote: force promotion (``"{{ params.promote }}"``). (templated)
 
@@ -33,12 +34,12 @@ class LMStudioPromoteOperator(BaseOperator):
     template_fields: Sequence[str] = ("installed", "promote", "version", "artifact_root")
     ui_color = "#fff3e0"
 
-    def __init__(self, *, model: str, artifact_root: str, settings: dict[str, Any], installed: Any = None,
-                 version: Any = None, promote: Any = False, **kwargs: Any) -> None:
+    def __init__(self, *, model: str, artifact_root: str, settings: LMStudioSettings | Mapping[str, Any],
+                 installed: Any = None, version: Any = None, promote: Any = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model = model
         self.artifact_root = artifact_root
-        self.settings = dict(settings)
+        self.settings = section(LMStudioSettings, settings, model=model, name="lmstudio")
         self.installed = installed
         self.version = version
         self.promote = promote
@@ -53,8 +54,9 @@ class LMStudioPromoteOperator(BaseOperator):
             if not version or str(version).strip() in ("", "None"):
                 raise InstallError("no version to promote: neither 'installed' nor 'version' names one",
                                    fix="pass the install task's output, or the version param of rollback_<model>")
-            record = promote(model=self.model, settings=self.settings, artifact_root=str(self.artifact_root),
-                             version=str(version).strip(), force=as_bool(self.promote), run_id=run_id_of(context))
+            record = promote(model=self.model, settings=self.settings.model_dump(),
+                             artifact_root=str(self.artifact_root), version=str(version).strip(),
+                             force=as_bool(self.promote), run_id=run_id_of(context))
         if record["promoted"]:
             self.log.info("%s %s is current (was %s); %s", self.model, record["version"], record["previous"],
                           "lms: " + "; ".join(" ".join(a[1:]) for a in record["lms"]) if record["lms"]
@@ -74,7 +76,7 @@ class LMStudioRollbackOperator(BaseOperator):
     fails too ("nothing to roll back"): as a leaf it carries the failure to the run's state. The record also
     lists ``failed_stages`` (the run's failed tasks), which the Slack message names.
 
-    :param model: the model's name. :param settings: ``ModelConfig.lmstudio.model_dump(mode="json")``.
+    :param model: the model's name. :param settings: the model's ``lmstudio`` section (or its ``model_dump()``).
     :param artifact_root: where the ledger lives. (templated)
     :param promoted: the promote task's record (None when promote never finished: the ledger is read). (templated)
     """
@@ -82,14 +84,14 @@ class LMStudioRollbackOperator(BaseOperator):
     template_fields: Sequence[str] = ("promoted", "artifact_root")
     ui_color = "#ffebee"
 
-    def __init__(self, *, model: str, artifact_root: str, settings: dict[str, Any], promoted: Any = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *, model: str, artifact_root: str, settings: LMStudioSettings | Mapping[str, Any],
+                 promoted: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("trigger_rule", "one_failed")
         kwargs.setdefault("retries", 0)
         super().__init__(**kwargs)
         self.model = model
         self.artifact_root = artifact_root
-        self.settings = dict(settings)
+        self.settings = section(LMStudioSettings, settings, model=model, name="lmstudio")
         self.promoted = promoted
 
     def execute(self, context: Context) -> None:
@@ -107,7 +109,8 @@ class LMStudioRollbackOperator(BaseOperator):
         reason = failure_reason(root, self.model, failed, run_id) or (
             f"stage(s) {', '.join(stages)} failed" if stages else "health check failed")
         with engine_errors(self.model):
-            record = rollback(model=self.model, settings=self.settings, artifact_root=root, failed_version=failed,
+            record = rollback(model=self.model, settings=self.settings.model_dump(), artifact_root=root,
+                              failed_version=failed,
                               reason=reason, run_id=run_id)
         summary = {**{k: record[k] for k in ("failed_version", "restored_version", "reason")},
                    "failed_stages": stages}

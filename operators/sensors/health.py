@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -11,7 +11,8 @@ from typing import Any, Literal
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
-from operators.common import engine_errors
+from include.config.sections import HealthSettings, LMStudioSettings
+from operators.common import engine_errors, section
 from operators.operators.lmstudio import run_id_of
 
 
@@ -30,8 +31,8 @@ class HealthCheckSensor(BaseSensorOperator):
     :param model: the model's name in config/models.yaml.
     :param installed: the install task's record (or the promote record in rollback_<model>). (templated)
     :param phase: ``"smoke"`` or ``"live"``.
-    :param settings: ``{**lmstudio.model_dump(mode="json"), **health.model_dump(mode="json")}`` (flat), or
-        ``{"lmstudio": {...}, "health": {...}}``.
+    :param settings: the model's ``lmstudio`` and ``health`` sections: ``{"lmstudio": ..., "health": ...}`` (each a
+        section or its ``model_dump()``), or both dumps merged into one flat mapping.
     :param artifact_root: where the deployments ledger lives. (templated)
     :param promoted: the promote task's record; live checks run only when it promoted. (templated)
     :param deferrable: wait for the live endpoint in the triggerer (also ``health.deferrable``).
@@ -44,22 +45,23 @@ class HealthCheckSensor(BaseSensorOperator):
     template_fields: Sequence[str] = ("installed", "promoted", "artifact_root")
     ui_color = "#fce4ec"
 
-    def __init__(self, *, model: str, installed: Any, phase: Literal["smoke", "live"], settings: dict[str, Any],
+    def __init__(self, *, model: str, installed: Any, phase: Literal["smoke", "live"], settings: Mapping[str, Any],
                  artifact_root: str, promoted: Any = None, deferrable: bool = False, **kwargs: Any) -> None:
         if phase not in ("smoke", "live"):
             raise ValueError(f"phase must be 'smoke' or 'live', not {phase!r}")
-        flat = {**settings.get("lmstudio", {}), **settings.get("health", {})} if "health" in settings else settings
-        kwargs.setdefault("mode", flat.get("mode", "poke") if phase == "live" else "poke")
-        kwargs.setdefault("poke_interval", float(flat.get("poke_interval_s", 10)))
-        kwargs.setdefault("timeout", float(flat.get("timeout_s", 900)))
+        lmstudio, health = _sections(settings, model)
+        kwargs.setdefault("mode", health.mode if phase == "live" else "poke")
+        kwargs.setdefault("poke_interval", health.poke_interval_s)
+        kwargs.setdefault("timeout", health.timeout_s)
         super().__init__(**kwargs)
+        self.lmstudio = lmstudio
+        self.health = health
         self.model = model
         self.installed = installed
         self.phase = phase
-        self.settings = dict(flat)
         self.artifact_root = artifact_root
         self.promoted = promoted
-        self.deferrable = bool(deferrable or flat.get("deferrable", False))
+        self.deferrable = bool(deferrable or self.health.deferrable)
         self._last: dict[str, Any] | None = None
 
     # --- the flow -------------------------------------------------------------------------------------------
@@ -74,15 +76,14 @@ class HealthCheckSensor(BaseSensorOperator):
 
             from operators.triggers.health import LiveEndpointTrigger
 
-            s = self.settings
+            h, endpoint = self.health, str(self.lmstudio.endpoint)
             self.log.info("deferring the live check of %r at %s to the triggerer (up to %.0f s)",
-                          self._target()["identifier"], s["endpoint"], self.timeout)
+                          self._target()["identifier"], endpoint, self.timeout)
             self.defer(trigger=LiveEndpointTrigger(
-                base_url=s["endpoint"], model_id=self._target()["identifier"], system_prompt=self._sys(),
-                prompt=s.get("prompt", "Say hello."), max_tokens=int(s.get("max_tokens", 16)),
-                max_latency_s=float(s.get("max_latency_s", 60)), min_tokens_per_s=float(s.get("min_tokens_per_s", 0)),
-                min_answer_tokens=int(s.get("min_answer_tokens", 1)), timeout_s=float(self.timeout),
-                poke_interval_s=float(self.poke_interval)),
+                base_url=endpoint, model_id=self._target()["identifier"], system_prompt=h.system_prompt,
+                prompt=h.prompt, max_tokens=h.max_tokens, max_latency_s=h.max_latency_s,
+                min_tokens_per_s=h.min_tokens_per_s, min_answer_tokens=h.min_answer_tokens,
+                timeout_s=float(self.timeout), poke_interval_s=float(self.poke_interval)),
                 method_name="execute_complete", timeout=timedelta(seconds=float(self.timeout) + 60))
         try:
             return super().execute(context)
@@ -102,14 +103,13 @@ class HealthCheckSensor(BaseSensorOperator):
     def poke(self, context: Context) -> PokeReturnValue | bool:
         """smoke: check once (pass or raise). live: one attempt; False (poke again) while not healthy."""
         from include.errors import HealthError
-        from include.health.checks import check_chat, check_gguf_file, evaluate, serve_gguf
+        from include.health.endpoint import check_chat, evaluate
+        from include.health.smoke import check_gguf_file, serve_gguf
 
-        s, target = self.settings, self._target()
-        chat = {"system_prompt": self._sys(), "prompt": s.get("prompt", "Say hello."),
-                "max_tokens": int(s.get("max_tokens", 16))}
-        limits = {"max_latency_s": float(s.get("max_latency_s", 60)),
-                  "min_tokens_per_s": float(s.get("min_tokens_per_s", 0)),
-                  "min_answer_tokens": int(s.get("min_answer_tokens", 1))}
+        h, target = self.health, self._target()
+        chat = {"system_prompt": h.system_prompt, "prompt": h.prompt, "max_tokens": h.max_tokens}
+        limits = {"max_latency_s": h.max_latency_s, "min_tokens_per_s": h.min_tokens_per_s,
+                  "min_answer_tokens": h.min_answer_tokens}
         if self.phase == "smoke":
             checks = check_gguf_file(Path(target["path"]), size=target.get("bytes"), sha256=target.get("sha256"))
             self.log.info("file checks: %s", "; ".join(f"{c['name']} {'ok' if c['ok'] else 'FAILED'}: {c['detail']}"
@@ -120,7 +120,7 @@ class HealthCheckSensor(BaseSensorOperator):
                 try:
                     with engine_errors(self.model), serve_gguf(
                             Path(target["path"]), model_id=target["identifier"],
-                            startup_timeout_s=float(s.get("startup_timeout_s", 120))) as url:
+                            startup_timeout_s=h.startup_timeout_s) as url:
                         figures = check_chat(url, model_id=target["identifier"], **chat)
                         figures["startup_s"] = round(time.monotonic() - started, 3)
                         figures["endpoint"] = "ephemeral llama_cpp.server"
@@ -130,7 +130,7 @@ class HealthCheckSensor(BaseSensorOperator):
             return PokeReturnValue(is_done=True, xcom_value=self._finish(
                 context, {**figures, "checks": checks}, ok=all(c["ok"] for c in checks)))
         try:
-            figures = check_chat(s["endpoint"], model_id=target["identifier"], **chat)
+            figures = check_chat(str(self.lmstudio.endpoint), model_id=target["identifier"], **chat)
             checks = evaluate(figures, **limits)
         except HealthError as err:
             self._last = {"checks": [{"name": "endpoint", "ok": False, "detail": err.detail}], "error": err.detail}
@@ -143,13 +143,10 @@ class HealthCheckSensor(BaseSensorOperator):
         return False
 
     # --- helpers --------------------------------------------------------------------------------------------
-    def _sys(self) -> str:
-        return str(self.settings.get("system_prompt", "You are a helpful assistant."))
-
     def _skip_reason(self) -> str | None:
         if self.phase != "live":
             return None
-        if not self.settings.get("endpoint"):
+        if not self.lmstudio.endpoint:
             return "no lmstudio.endpoint configured"
         if not isinstance(self.promoted, dict) or not self.promoted.get("promoted"):
             why = self.promoted.get("reason") if isinstance(self.promoted, dict) else "promote gave no record"
@@ -160,7 +157,7 @@ class HealthCheckSensor(BaseSensorOperator):
         from include.errors import HealthError
 
         installed = self.installed["installed"]
-        quant = self.settings.get("quant")
+        quant = self.lmstudio.quant
         for item in installed:
             if quant is None or item["quant"] == quant:
                 return item
@@ -170,7 +167,7 @@ class HealthCheckSensor(BaseSensorOperator):
     def _finish(self, context: Context, measured: dict[str, Any], *, ok: bool) -> dict[str, Any]:
         """Build the report, append it to the ledger, log the figures; raise when not ok."""
         from include.errors import HealthError
-        from include.health.checks import resources
+        from include.health.smoke import resources
         from include.lmstudio.deploy import record_health
 
         target = self._target()
@@ -178,7 +175,7 @@ class HealthCheckSensor(BaseSensorOperator):
         report = {"ok": ok, "phase": self.phase, "version": version, "checks": measured.get("checks", []),
                   "latency_s": measured.get("latency_s"), "tokens_per_s": measured.get("tokens_per_s"),
                   "answer_excerpt": measured.get("answer_excerpt"), "identifier": target["identifier"],
-                  "quant": target["quant"], "endpoint": measured.get("endpoint", self.settings.get("endpoint")),
+                  "quant": target["quant"], "endpoint": measured.get("endpoint", self.lmstudio.endpoint),
                   "at": datetime.now(UTC).isoformat(timespec="seconds"),
                   **resources(self.installed.get("models_dir") or Path(target["path"]).parent, self.artifact_root)}
         failed = [c for c in report["checks"] if not c["ok"]]
@@ -199,3 +196,15 @@ class HealthCheckSensor(BaseSensorOperator):
             with engine_errors(self.model):
                 raise err
         return report
+
+
+def _sections(settings: Mapping[str, Any], model: str) -> tuple[LMStudioSettings, HealthSettings]:
+    """The ``lmstudio`` and ``health`` sections from ``{"lmstudio": ..., "health": ...}`` or one flat mapping
+    (split by field name: the two sections share none; a key of neither is reported by ``health``)."""
+    if "lmstudio" in settings or "health" in settings:
+        lmstudio, health = settings.get("lmstudio"), settings.get("health")
+    else:
+        lmstudio = {k: v for k, v in settings.items() if k in LMStudioSettings.model_fields}
+        health = {k: v for k, v in settings.items() if k not in LMStudioSettings.model_fields}
+    return (section(LMStudioSettings, lmstudio, model=model, name="lmstudio"),
+            section(HealthSettings, health, model=model, name="health"))

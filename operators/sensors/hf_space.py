@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
-from datetime import timedelta
-from typing import Any
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from typing import Any, cast
 
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout, AirflowSkipException
 
+from include.config.sections import HFSettings
+from operators.common import section
+from operators.hooks.huggingface import HuggingFaceHook
 from operators.links.huggingface import HFSpaceLink
 from operators.triggers.hf_space import ERROR_STAGES
+
+RESCHEDULE_FROM_S = 60  # poke intervals from this long on free the worker slot between pokes
 
 
 class HFSpaceRuntimeSensor(BaseSensorOperator):
@@ -21,12 +26,15 @@ class HFSpaceRuntimeSensor(BaseSensorOperator):
     and on a timeout. Skips when ``settings`` is None, the publish record has no ``space_id``, or ``main``
     did not move (a backfill or a no-op leaves the Space alone). Waits ``space_timeout_s`` polling every
     ``space_poke_interval_s`` (poke, or reschedule when the interval is 60 s or more); with ``deferrable``
-    (argument or ``settings["deferrable"]``) the wait runs in the triggerer
+    (argument or ``settings.deferrable``) the wait runs in the triggerer
     (:class:`~operators.triggers.hf_space.HFSpaceRuntimeTrigger`).
+
+    The wait is measured from the first try's start, as Airflow's own sensor timeout is: in reschedule mode
+    each poke is a new try, so ``waited_s`` counts from the first reschedule's start date, not from this poke.
 
     :param model: the model's name in config/models.yaml.
     :param published: the publish task's record (``space_id``, ``space_url``, ``main_moved``). (templated)
-    :param settings: the model's ``hf`` config as a dict, or None (skip).
+    :param settings: the model's ``hf`` section (or its ``model_dump()``), or None (skip).
     :param deferrable: wait in the triggerer instead of a worker slot.
 
     Returns ``{"space_id", "stage", "url", "waited_s"}``.
@@ -36,31 +44,36 @@ class HFSpaceRuntimeSensor(BaseSensorOperator):
     operator_extra_links = (HFSpaceLink(),)
     ui_color = "#fff8e1"
 
-    def __init__(self, *, model: str, published: Any, settings: dict[str, Any] | None, deferrable: bool = False,
-                 **kwargs: Any) -> None:
-        s = dict(settings or {})
-        interval = float(s.get("space_poke_interval_s", 30))
+    def __init__(self, *, model: str, published: Any, settings: HFSettings | Mapping[str, Any] | None,
+                 deferrable: bool = False, **kwargs: Any) -> None:
+        hf = section(HFSettings, settings, model=model, name="hf") if settings else None
+        interval = (hf or HFSettings.model_construct()).space_poke_interval_s
         kwargs.setdefault("poke_interval", interval)
-        kwargs.setdefault("timeout", float(s.get("space_timeout_s", 1800)))
-        kwargs.setdefault("mode", "reschedule" if interval >= 60 else "poke")
+        kwargs.setdefault("timeout", (hf or HFSettings.model_construct()).space_timeout_s)
+        kwargs.setdefault("mode", "reschedule" if interval >= RESCHEDULE_FROM_S else "poke")
         super().__init__(**kwargs)
         self.model = model
         self.published = published
-        self.settings = s if settings else None
-        self.deferrable = bool(deferrable or s.get("deferrable", False))
-        self._started = time.monotonic()
+        self.settings = hf
+        self.deferrable = bool(deferrable or (hf is not None and hf.deferrable))
+        self._started: datetime | None = None
         self._last: tuple[str | None, str | None] = (None, None)
+
+    @cached_property
+    def hook(self) -> HuggingFaceHook:
+        """The Hub account of ``hf.conn_id``."""
+        return HuggingFaceHook(self.settings.conn_id if self.settings else HuggingFaceHook.default_conn_name)
 
     def execute(self, context: Context) -> Any:
         """Skip, defer, or poke; a timeout fails with the last stage seen."""
         space_id = self._space_id()
-        self._started = time.monotonic()
+        self._started = self._wait_started(context)
         if self.deferrable:
             from operators.triggers.hf_space import HFSpaceRuntimeTrigger
 
             self.log.info("deferring the wait for Space %s to the triggerer (up to %.0f s)", space_id, self.timeout)
             self.defer(trigger=HFSpaceRuntimeTrigger(
-                space_id=space_id, conn_id=self._conn_id(), endpoint=self._endpoint(),
+                space_id=space_id, conn_id=self.hook.hf_conn_id, endpoint=self._endpoint(),
                 timeout_s=float(self.timeout), poke_interval_s=float(self.poke_interval)),
                 method_name="execute_complete", timeout=timedelta(seconds=float(self.timeout) + 60))
         try:
@@ -73,19 +86,16 @@ class HFSpaceRuntimeSensor(BaseSensorOperator):
         from include.hub.retry import HubCaller
         from include.hub.space import space_stage
         from operators.common import engine_errors
-        from operators.operators.hf_space import hub_credentials
 
         space_id = self._space_id()
+        settings = cast(HFSettings, self.settings)  # _space_id() skipped the task without settings
         with engine_errors(self.model):
-            token, endpoint = hub_credentials(self._conn_id())
-            from huggingface_hub import HfApi
-
-            api = HfApi(endpoint=self._endpoint() or endpoint, token=token, library_name="lora-deploy")
-            call = HubCaller(self.model, secrets=(token,), max_retries=int(self.settings.get("max_retries", 4)),
-                             endpoint=endpoint)
+            api = self.hook.get_conn(endpoint=self._endpoint())
+            call = HubCaller(self.model, secrets=(api.token,), max_retries=settings.max_retries,
+                             endpoint=api.endpoint)
             stage, message = call("read the runtime of the Space", space_id, space_stage, api, space_id)
         self._last = (stage, message)
-        return self._judge(space_id, stage, message, time.monotonic() - self._started)
+        return self._judge(space_id, stage, message, self._waited())
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger: RUNNING passes, an error stage or a timeout fails at once."""
@@ -94,7 +104,7 @@ class HFSpaceRuntimeSensor(BaseSensorOperator):
         space_id = self._space_id()
         self._last = (event.get("stage"), event.get("message"))
         if event["status"] == "timeout":
-            raise AirflowFailException(self._timeout_message())
+            raise AirflowFailException(self._timeout_message(float(event.get("waited_s") or 0)))
         result = self._judge(space_id, event.get("stage"), event.get("message"), float(event.get("waited_s") or 0))
         if isinstance(result, PokeReturnValue):
             return result.xcom_value
@@ -102,6 +112,18 @@ class HFSpaceRuntimeSensor(BaseSensorOperator):
                                    f"{event.get('stage')!r}: {event.get('message')}")
 
     # --- helpers --------------------------------------------------------------------------------------------
+    def _wait_started(self, context: Context) -> datetime:
+        """When the wait began: in reschedule mode the first try's start (the task SDK's sensor does the same)."""
+        ti = context.get("ti")
+        if self.reschedule and ti is not None:
+            first = ti.get_first_reschedule_date(context)
+            if first is not None:
+                return first
+        return datetime.now(UTC)
+
+    def _waited(self) -> float:
+        return (datetime.now(UTC) - self._started).total_seconds() if self._started else 0.0
+
     def _judge(self, space_id: str, stage: str | None, message: str | None, waited: float) -> PokeReturnValue | bool:
         if stage == "RUNNING":
             self.log.info("Space %s is RUNNING after %.1f s", space_id, waited)
@@ -126,9 +148,6 @@ class HFSpaceRuntimeSensor(BaseSensorOperator):
                                        "was not changed")
         return str(published["space_id"])
 
-    def _conn_id(self) -> str:
-        return str((self.settings or {}).get("conn_id") or "huggingface_default")
-
     def _endpoint(self) -> str | None:
         """The endpoint from the publish record's URL (so the sensor asks the Hub the task published to)."""
         published = self.published if isinstance(self.published, dict) else {}
@@ -139,8 +158,9 @@ class HFSpaceRuntimeSensor(BaseSensorOperator):
         published = self.published if isinstance(self.published, dict) else {}
         return str(published.get("space_url") or f"https://huggingface.co/spaces/{space_id}")
 
-    def _timeout_message(self) -> str:
+    def _timeout_message(self, waited: float | None = None) -> str:
         stage, message = self._last
+        waited = self._waited() if waited is None else waited
         return (f"model {self.model!r}: Space {self._space_id()} did not reach RUNNING within {self.timeout:.0f} s "
-                f"(last stage {stage!r}{': ' + message if message else ''}). Fix: raise hf.space_timeout_s for slow "
-                "builds, or check the Space's build logs")
+                f"(waited {waited:.1f} s; last stage {stage!r}{': ' + message if message else ''}). Fix: raise "
+                "hf.space_timeout_s for slow builds, or check the Space's build logs")

@@ -34,7 +34,7 @@ class LiveEndpointTrigger(BaseTrigger):
         """Poll until healthy or the deadline; yield one event."""
         import httpx
 
-        from include.health.checks import chat_body, chat_report, evaluate, served_ids
+        from include.health.endpoint import chat_body, chat_report, evaluate, served_ids
 
         k = self.kwargs
         base = k["base_url"].rstrip("/")

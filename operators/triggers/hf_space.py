@@ -15,8 +15,9 @@ ERROR_STAGES = ("BUILD_ERROR", "RUNTIME_ERROR", "CONFIG_ERROR")
 class HFSpaceRuntimeTrigger(BaseTrigger):
     """Poll ``GET /api/spaces/<id>/runtime`` until the stage is RUNNING, an error stage, or ``timeout_s``.
 
-    The token is NOT among the kwargs (they are stored in the metadata database): ``run()`` resolves it from
-    the Airflow connection ``conn_id`` (``BaseHook.aget_connection``; or HF_TOKEN in the triggerer's environment).
+    The token is NOT among the kwargs (they are stored in the metadata database): ``run()`` builds a
+    :class:`~operators.hooks.huggingface.HuggingFaceHook` from ``conn_id`` and reads the token in the triggerer
+    (``aget_connection``; or HF_TOKEN in the triggerer's environment).
     A missing token, HTTP 401/403/404 or an error stage end the wait at once. Yields one event
     ``{"status": "running"|"error"|"timeout", "stage", "message", "polls", "waited_s"}``.
     """
@@ -31,36 +32,25 @@ class HFSpaceRuntimeTrigger(BaseTrigger):
         """The classpath and the JSON-safe kwargs the triggerer rebuilds this trigger from (no token)."""
         return f"{type(self).__module__}.{type(self).__qualname__}", dict(self.kwargs)
 
-    async def _token(self) -> tuple[str | None, str | None]:
-        """The token (and endpoint) from the connection, read in the triggerer (``aget_connection``)."""
-        from airflow.sdk import BaseHook
-        from airflow.sdk.exceptions import AirflowNotFoundException
-
-        from operators.operators.hf_space import credentials_from
-
-        try:
-            conn = await BaseHook.aget_connection(self.kwargs["conn_id"])
-        except AirflowNotFoundException:
-            conn = None
-        token, endpoint = credentials_from(conn, self.kwargs["conn_id"])
-        return token, self.kwargs["endpoint"] or endpoint
-
     async def run(self) -> AsyncIterator[TriggerEvent]:
         """Poll until a final stage or the deadline; yield one event."""
         import httpx
 
         from include.errors import PublishError
+        from operators.hooks.huggingface import HuggingFaceHook
 
         k = self.kwargs
         try:
-            token, endpoint = await self._token()
+            credentials = await HuggingFaceHook(k["conn_id"]).aget_credentials()
         except PublishError as err:
             yield TriggerEvent({"status": "error", "stage": None, "message": str(err), "polls": 0, "waited_s": 0.0})
             return
-        url = f"{(endpoint or 'https://huggingface.co').rstrip('/')}/api/spaces/{k['space_id']}/runtime"
+        endpoint = k["endpoint"] or credentials.endpoint or "https://huggingface.co"
+        url = f"{endpoint.rstrip('/')}/api/spaces/{k['space_id']}/runtime"
+        headers = {"Authorization": f"Bearer {credentials.token}"}
         started = time.monotonic()
         polls, stage, message, status = 0, None, None, "timeout"
-        async with httpx.AsyncClient(trust_env=False, headers={"Authorization": f"Bearer {token}"}) as client:
+        async with httpx.AsyncClient(trust_env=False, headers=headers) as client:
             while True:
                 polls += 1
                 try:

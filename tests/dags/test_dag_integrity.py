@@ -42,8 +42,11 @@ def test_example_config_builds_every_stage(example_bag):
     order = [t.task_id for t in dag.topological_sort()]
     chain = ["plan", "download", "merge", "convert", "quant_types", "quantize", "ggufs", "install", "smoke",
              "promote", "health", "publish", "space_ready"]
-    assert sorted(order) == sorted([*chain, "rollback"])
+    assert sorted(order) == sorted([*chain, "rollback", "retention"])
     assert [t for t in order if t in chain] == chain
+    retention = dag.get_task("retention")  # a teardown after every leaf: it never decides the run's state
+    assert retention.is_teardown and order[-1] == "retention"
+    assert retention.upstream_task_ids == {"rollback", "space_ready"}
     assert dag.get_task("rollback").trigger_rule == "one_failed"
     assert dag.get_task("rollback").upstream_task_ids == {"promote", "health"}
     assert dag.get_task("publish").trigger_rule == "none_failed_min_one_success"

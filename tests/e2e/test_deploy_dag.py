@@ -24,6 +24,8 @@ def deployment(tmp_path, monkeypatch, demo_inputs, sshd, hub, slack, airflow_db)
         "hf": {"repo_id": f"{hub.user}/e2e-GGUF", "space_id": f"{hub.user}/e2e-chat", "private": True,
                "space_poke_interval_s": 0.5},
         "health": {"prompt": "Once upon a time", "max_tokens": 8},
+        # A merged model in the store, kept with its version, so the re-run below reuses every stage.
+        "merge": {"backend": "streaming"}, "retention": {"keep_intermediates": True},
     }
     config = write_config(tmp_path / "models.yaml", "e2e", entry, tmp_path / "artifacts")
     monkeypatch.setenv("LORA_DEPLOY_CONFIG", str(config))
@@ -133,6 +135,7 @@ def test_fused_merge_deploys_the_same_gguf_without_writing_a_merged_model(tmp_pa
         box = str(demo_inputs.training_box)
         entry = {"base_model": str(demo_inputs.base), "source": {"kind": "local", "path": box},
                  "merge": {"backend": backend}, "quantize": {"types": ["Q8_0"]},
+                 "retention": {"keep_intermediates": True},
                  "lmstudio": {"models_dir": str(root / "lmstudio")}, "notify": {"slack_conn_id": None}}
         monkeypatch.setenv("LORA_DEPLOY_CONFIG", str(write_config(root / "models.yaml", "fusion", entry,
                                                                   root / "artifacts")))

@@ -22,10 +22,10 @@ from include.config.sections import DEFAULT_MAX_PPL_RATIO, FidelitySettings
 from include.errors import ConfigError, GGUFError
 from include.gguf.convert import convert_to_gguf
 from include.gguf.fidelity import (
-    FidelityConfig,
     check_perplexity,
     compare_logits,
     default_eval_text,
+    evaluation_text,
     fidelity_settings,
     max_ratio_for,
     perplexity,
@@ -120,16 +120,16 @@ def fidelity_models(demo_inputs, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 @pytest.fixture(scope="session")
-def defaults() -> FidelityConfig:
+def defaults() -> FidelitySettings:
     """The default fidelity settings (built-in prompts, eval text and thresholds)."""
     config = fidelity_settings({})
     assert config is not None
     return config
 
 
-def test_merged_model_matches_its_f16_gguf_within_defaults(fidelity_models, defaults: FidelityConfig) -> None:
+def test_merged_model_matches_its_f16_gguf_within_defaults(fidelity_models, defaults: FidelitySettings) -> None:
     record = compare_logits(fidelity_models["merged"], fidelity_models["f16"], prompts=defaults.prompts,
-                            max_abs_diff=defaults.max_abs_diff, max_kl=defaults.max_kl)
+                            max_abs_diff=defaults.max_abs_logit_diff, max_kl=defaults.max_kl)
     assert record["passed"] is True
     assert 0 < record["max_abs_diff"] < 0.05
     assert 0 <= record["mean_kl"] <= record["max_kl"] < 1e-4
@@ -138,14 +138,14 @@ def test_merged_model_matches_its_f16_gguf_within_defaults(fidelity_models, defa
     assert record["worst_prompt"] in defaults.prompts
 
 
-def test_a_corrupted_tensor_fails_the_gate_with_the_figures(fidelity_models, defaults: FidelityConfig,
+def test_a_corrupted_tensor_fails_the_gate_with_the_figures(fidelity_models, defaults: FidelitySettings,
                                                             tmp_path: Path) -> None:
     broken = tmp_path / "broken-f16.gguf"
     shutil.copyfile(fidelity_models["f16"], broken)
     assert corrupt_tensor(broken, "blk.1.ffn_down.weight", -6.0) == "F16"
     with pytest.raises(GGUFError) as caught:
         compare_logits(fidelity_models["merged"], broken, prompts=defaults.prompts,
-                       max_abs_diff=defaults.max_abs_diff, max_kl=defaults.max_kl)
+                       max_abs_diff=defaults.max_abs_logit_diff, max_kl=defaults.max_kl)
     message = str(caught.value)
     assert "does not compute what the merged model computes" in message
     assert "fidelity.max_abs_logit_diff=1" in message and "fidelity.max_kl=0.01" in message
@@ -154,9 +154,9 @@ def test_a_corrupted_tensor_fails_the_gate_with_the_figures(fidelity_models, def
     assert caught.value.retryable is False
     # warn mode: the same figures come back with passed False instead of an exception
     record = compare_logits(fidelity_models["merged"], broken, prompts=defaults.prompts[:1],
-                            max_abs_diff=defaults.max_abs_diff, max_kl=defaults.max_kl, mode="warn")
+                            max_abs_diff=defaults.max_abs_logit_diff, max_kl=defaults.max_kl, mode="warn")
     assert record["passed"] is False
-    assert record["max_abs_diff"] > defaults.max_abs_diff or record["max_kl"] > defaults.max_kl
+    assert record["max_abs_diff"] > defaults.max_abs_logit_diff or record["max_kl"] > defaults.max_kl
 
 
 def test_a_gguf_of_another_model_is_refused(fidelity_models, demo_inputs, tmp_path: Path) -> None:
@@ -168,8 +168,8 @@ def test_a_gguf_of_another_model_is_refused(fidelity_models, demo_inputs, tmp_pa
         compare_logits(other, fidelity_models["f16"], prompts=["hello world"], max_abs_diff=1.0, max_kl=0.01)
 
 
-def test_perplexity_orders_the_quants_and_passes_the_defaults(fidelity_models, defaults: FidelityConfig) -> None:
-    text = defaults.eval_text
+def test_perplexity_orders_the_quants_and_passes_the_defaults(fidelity_models, defaults: FidelitySettings) -> None:
+    text = evaluation_text(defaults).text
     ppl = {kind: perplexity(fidelity_models[kind], text, n_ctx=defaults.n_ctx) for kind in ("f16", *QUANTS)}
     assert 1 < ppl["f16"] < 50  # the model has learned the text (a random one scores ~1000)
     assert abs(ppl["Q8_0"] / ppl["f16"] - 1) < 0.01
@@ -181,9 +181,9 @@ def test_perplexity_orders_the_quants_and_passes_the_defaults(fidelity_models, d
     assert perplexity(fidelity_models["Q8_0"], text, n_ctx=defaults.n_ctx) == ppl["Q8_0"]
 
 
-def test_perplexity_depends_on_the_chunk_length(fidelity_models, defaults: FidelityConfig) -> None:
-    short = perplexity(fidelity_models["f16"], defaults.eval_text, n_ctx=32)
-    long = perplexity(fidelity_models["f16"], defaults.eval_text, n_ctx=256)
+def test_perplexity_depends_on_the_chunk_length(fidelity_models, defaults: FidelitySettings) -> None:
+    short = perplexity(fidelity_models["f16"], evaluation_text(defaults).text, n_ctx=32)
+    long = perplexity(fidelity_models["f16"], evaluation_text(defaults).text, n_ctx=256)
     assert short != long and short > 1 and long > 1
 
 
@@ -211,8 +211,9 @@ def test_settings_defaults_and_the_built_in_eval_text() -> None:
     assert fidelity_settings({"enabled": False}) is None
     config = fidelity_settings(FidelitySettings())
     assert config is not None and config.mode == "fail"
-    assert config.eval_text == default_eval_text() and len(config.eval_text.split()) > 300
-    assert config.eval_source.startswith("built-in")
+    text = evaluation_text(config)
+    assert text.text == default_eval_text() and len(text.text.split()) > 300
+    assert text.source.startswith("built-in")
     assert max_ratio_for(config, "Q8_0") == 1.02
     assert max_ratio_for(config, "q4_k_m") == 1.10
     assert max_ratio_for(config, "TQ1_0") == DEFAULT_MAX_PPL_RATIO["default"]
@@ -227,9 +228,9 @@ def test_settings_merge_user_ratios_and_read_the_eval_file(tmp_path: Path) -> No
     assert max_ratio_for(config, "Q4_K_M") == 1.3
     assert max_ratio_for(config, "Q8_0") == 1.02  # built-in entries stay
     assert max_ratio_for(config, "IQ9_X") == 2.0
-    assert config.eval_text == "word " * 50 and config.mode == "warn"
+    assert evaluation_text(config).text == "word " * 50 and config.mode == "warn"
     with pytest.raises(GGUFError, match=r"cannot read fidelity\.eval_file") as caught:
-        fidelity_settings({"eval_file": str(tmp_path / "missing.txt")})
+        evaluation_text(fidelity_settings({"eval_file": str(tmp_path / "missing.txt")}))
     assert "built-in text" in caught.value.fix
 
 

@@ -1,7 +1,8 @@
-"""Tests of include.health.checks with a real llama_cpp.server serving the tiny Q8_0 GGUF."""
+"""include.health (endpoint checks, the smoke server) against a real llama_cpp.server serving the tiny Q8_0 GGUF."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from include.errors import HealthError
-from include.health.checks import check_endpoint, serve_gguf, smoke_test
+from include.health.endpoint import ENDPOINT_RETRY, check_endpoint
+from include.health.smoke import serve_gguf, smoke_test
 from tests.gguf_helpers import tiny_gguf
 
 PROMPT = "Hello world, deploy the model"
@@ -67,10 +69,13 @@ def test_server_is_stopped_when_the_check_fails(q8_gguf: Path) -> None:
     assert _port_closed(url)
 
 
-def test_check_endpoint_on_a_dead_port(tmp_path: Path) -> None:
-    url = _dead_url()
-    with pytest.raises(HealthError, match=r"endpoint 'http://127\.0\.0\.1:\d+'.*GET /v1/models failed.*Fix: "):
-        check_endpoint(url, model_id="tiny", prompt=PROMPT, timeout_s=5)
+def test_check_endpoint_on_a_dead_port_tries_again_then_explains(tmp_path: Path) -> None:
+    url, waits = _dead_url(), []
+    retry = dataclasses.replace(ENDPOINT_RETRY, sleep=waits.append)
+    with pytest.raises(HealthError, match=r"endpoint 'http://127\.0\.0\.1:\d+'.*GET /v1/models failed "
+                                          r"\(ConnectError: .*Fix: "):
+        check_endpoint(url, model_id="tiny", prompt=PROMPT, timeout_s=5, retry=retry)
+    assert waits == [0.5, 1.0]  # three tries: a refused connection may be a server restarting
 
 
 def test_smoke_test_of_a_broken_gguf_reports_server_output(tmp_path: Path) -> None:
@@ -126,7 +131,7 @@ def test_check_endpoint_without_tokens_fails(no_tokens_url: str) -> None:
 
 
 def test_file_checks_catch_size_sha_magic_and_version(q8_gguf: Path, tmp_path: Path) -> None:
-    from include.health.checks import check_gguf_file
+    from include.health.smoke import check_gguf_file
     from include.store.hashing import sha256_file
 
     good = check_gguf_file(q8_gguf, size=q8_gguf.stat().st_size, sha256=sha256_file(q8_gguf))
@@ -148,7 +153,7 @@ def test_chat_check_against_the_lm_studio_stand_in(q8_gguf: Path, lmstudio: obje
     import shutil
     import subprocess
 
-    from include.health.checks import check_chat, evaluate
+    from include.health.endpoint import check_chat, evaluate
 
     repo = lmstudio.models_dir / "acme" / "tiny-GGUF"
     repo.mkdir(parents=True)
@@ -169,5 +174,10 @@ def test_chat_check_against_the_lm_studio_stand_in(q8_gguf: Path, lmstudio: obje
     checks = evaluate(figures, max_latency_s=30, min_tokens_per_s=1e9, min_answer_tokens=1)
     assert [c["ok"] for c in checks] == [True, True, False]
     lmstudio.set_fail("tiny", "error")
+    waits: list[float] = []
+    asked = len(lmstudio.requests)
     with pytest.raises(HealthError, match=r"chat/completions for 'tiny' failed \(HTTP 500"):
-        check_chat(lmstudio.url, model_id="tiny", system_prompt="s", prompt=PROMPT)
+        check_chat(lmstudio.url, model_id="tiny", system_prompt="s", prompt=PROMPT,
+                   retry=dataclasses.replace(ENDPOINT_RETRY, sleep=waits.append))
+    chats = [r for r in lmstudio.requests[asked:] if r["path"].endswith("/chat/completions")]
+    assert len(chats) == 3 and waits == [0.5, 1.0]  # a 500 is tried twice more, then reported

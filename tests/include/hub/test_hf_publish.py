@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi
 
-from include.errors import ConfigError, PublishError
+from include.errors import ConfigError, PublishError, TransientPublishError
 from include.hub.publish import STATE_FILE, HubTarget, publish_model
-from include.hub.retry import HubCaller, TransientPublishError
+from include.hub.retry import HubCaller
 from include.hub.space import space_stage
 from include.store.hashing import sha256_file
 from tests.stand_ins.hf_hub import HubStandIn

@@ -216,13 +216,13 @@ def test_sigkill_half_way_leaves_nothing_complete_and_retry_succeeds(models: dic
             "--max-shard-size", "1MB"]
     proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, *args], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stage = tmp_path / f".merged.merging-{proc.pid}"
     deadline = time.monotonic() + 60
-    while sum(p.stat().st_size for p in stage.glob("*")) < 2_000_000 if stage.is_dir() else True:
+    while sum(p.stat().st_size for p in tmp_path.glob(f".merged.merging-*-{proc.pid}-*/*")) < 2_000_000:
         assert proc.poll() is None and time.monotonic() < deadline, "merge ended before it could be killed"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
+    stage = next(tmp_path.glob(f".merged.merging-*-{proc.pid}-*"))
     assert not out.exists()  # nothing at the output path; the stage holds only hidden partial files
     assert any(p.name.endswith(".partial") for p in stage.iterdir())
     assert not any(p.name.endswith(".safetensors") for p in stage.iterdir())
@@ -274,7 +274,8 @@ def test_auto_backend_choice(models: dict[str, Path], tmp_path: Path) -> None:
     assert choose_backend("auto", needs_peft) == "peft"
     with pytest.raises(MergeError, match=r"unknown merge backend 'gpu'.*streaming, peft, unsloth, auto"):
         choose_backend("gpu", models["dora"])
-    assert MergeSettings(backend="auto").backend == "auto" and MergeSettings().backend == "streaming"
+    assert MergeSettings(backend="auto").backend == "auto" and MergeSettings().backend == "fused"
+    assert MergeSettings(dtype="bfloat16").backend == "streaming"  # a dtype change needs a merged model
     with pytest.raises(ValueError, match="streaming"):
         MergeSettings(backend="gpu")  # type: ignore[arg-type]
 

@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from include.errors import SafetensorsFormatError
 from include.merge.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
-    SafetensorsFormatError,
     TensorSpec,
     iter_tensor_bytes,
     iter_tensor_chunks,

@@ -54,11 +54,19 @@ def test_bad_key_fails_fast_without_leaking_it(vast):
 
 def test_transient_statuses_are_retried_with_backoff(vast):
     vast.add_instance("123")
-    vast.failures = [429, 503]
+    vast.failures = [429, 503, 500]  # the stand-in's 429 says Retry-After: 0
     waits: list[float] = []
     instance = VastAIClient(vast.api_key, vast.url, backoff_s=0.5, sleep=waits.append).instance("123")
-    assert instance.running and len(vast.requests) == 3
-    assert waits == [0.5, 1.0]
+    assert instance.running and len(vast.requests) == 4
+    assert waits == [0.0, 1.0, 2.0]  # Retry-After honoured, else 0.5 s doubled per failed try
+
+
+def test_each_retry_is_logged_without_the_key(vast, caplog):
+    vast.add_instance("123")
+    vast.failures = [502]
+    caplog.set_level("WARNING")
+    assert client(vast).instance("123").running
+    assert "HTTP 502 reading instance 123 (attempt 1/4)" in caplog.text and vast.api_key not in caplog.text
 
 
 def test_persistent_5xx_becomes_a_retryable_error(vast):
@@ -72,7 +80,7 @@ def test_persistent_5xx_becomes_a_retryable_error(vast):
 def test_unreachable_api_is_transient():
     with VastAIStandIn() as gone:
         url = gone.url
-    with pytest.raises(VastAITransientError, match="URLError"):
+    with pytest.raises(VastAITransientError, match=r"failed 2 times.*ConnectError"):
         VastAIClient("k", url, attempts=2, backoff_s=0, timeout_s=2).instance("1")
 
 

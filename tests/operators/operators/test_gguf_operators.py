@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from include.config.sections import FidelitySettings, QuantizeSettings
+from include.config.sections import FidelitySettings, ImatrixSettings, QuantizeSettings
 from include.gguf.toolchain import PINNED_VERSION, ensure_tools
 from operators.operators.gguf import GGUFConvertOperator, GGUFQuantizeOperator, validated_types
 from tests.gguf_helpers import tiny_gguf
@@ -128,7 +128,7 @@ def test_bad_types_fail_fast_naming_the_fix(tmp_path: Path, merged: dict[str, An
     with pytest.raises(AirflowFailException, match=r"need an importance matrix.*quantize.imatrix"):
         op.execute({"ti": _TI()})
     assert not (tmp_path / "demo").exists()  # failed before anything was written
-    assert validated_types("Q8_0, q4_k_m", {}) == ["Q8_0", "Q4_K_M"]
+    assert validated_types("Q8_0, q4_k_m", ImatrixSettings()) == ["Q8_0", "Q4_K_M"]
 
 
 def test_unknown_bpe_tokenizer_fails_convert_before_converting(tmp_path: Path) -> None:

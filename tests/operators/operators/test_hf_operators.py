@@ -218,7 +218,9 @@ def test_trigger_reports_build_error_with_its_message_and_times_out(hf_env, tmp_
     hub.repo(f"{hub.user}/{MODEL}-chat", "space").stages = ["BUILDING"]  # a build that never ends
     timeout = asyncio.run(first_event(trigger(hub, timeout_s=0.5)))
     assert timeout["status"] == "timeout" and timeout["stage"] == "BUILDING" and timeout["polls"] >= 2
-    with pytest.raises(AirflowFailException, match=r"did not reach RUNNING within 10 s \(last stage 'BUILDING'\)"):
+    waited = f"{timeout['waited_s']:.1f}".replace(".", r"\.")
+    with pytest.raises(AirflowFailException, match=rf"did not reach RUNNING within 10 s \(waited {waited} s; last "
+                                                   r"stage 'BUILDING'\)"):
         sensor(hub).execute_complete({}, timeout)
 
 
