@@ -165,7 +165,7 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
         plan = DeployPlanOperator(
             task_id="plan", model=model.name, artifact_root=root, source=source, base_model=model.base_model,
             merge=model.merge, quantize=model.quantize, lmstudio_dir=model.lmstudio.models_dir, hf=model.hf,
-            slack_conn_id=model.notify.slack_conn_id,
+            slack_conn_id=model.notify.slack_conn_id, fidelity=model.fidelity, workers=model.workers,
             target_tasks={"lmstudio": LMSTUDIO_TASKS, "huggingface": HF_TASKS},
             adapter_version="{{ params.adapter_version or '' }}", instance_id="{{ params.instance_id or '' }}",
             quant_types="{{ params.quant_types }}", targets="{{ params.targets }}", force=force,
@@ -185,20 +185,21 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
         merge = MergeOperator(
             task_id="merge", model=model.name, adapter=download.output, base_model=model.base_model,
             artifact_root=root, backend=model.merge.backend, dtype=model.merge.dtype,
-            max_shard_mb=model.merge.max_shard_mb, force=force, **stage_args(model, "merge"), **heavy_args(model),
+            max_shard_mb=model.merge.max_shard_mb, force=force, workers=model.workers, **stage_args(model, "merge"),
+            **heavy_args(model),
         )
         toolchain = {"llama_cpp_dir": settings.llama_cpp_dir, "llama_cpp_bin_dir": settings.llama_cpp_bin_dir}
         convert = GGUFConvertOperator(
             task_id="convert", model=model.name, merged=merge.output, adapter=download.output,
             quant_types="{{ ti.xcom_pull(task_ids='plan')['quant_types'] }}", artifact_root=root,
             settings=model.quantize, fidelity=model.fidelity, force=force, **toolchain, **stage_args(model, "quantize"),
-            **heavy_args(model),
+            workers=model.workers, **heavy_args(model),
         )
         quantize = GGUFQuantizeOperator.partial(
             task_id="quantize", model=model.name, converted=convert.output, artifact_root=root,
             # partial() arguments are serialized with the DAG: the sections go as JSON (the operator validates them)
             settings=model.quantize.model_dump(mode="json"), fidelity=model.fidelity.model_dump(mode="json"),
-            force=force, map_index_template="{{ task.quant_type }}",
+            workers=model.workers.model_dump(mode="json"), force=force, map_index_template="{{ task.quant_type }}",
             max_active_tis_per_dagrun=model.quantize.max_parallel,
             **toolchain, **stage_args(model, "quantize"), **heavy_args(model),
         ).expand(quant_type=quant_types_of(convert, **stage_args(model, "quantize")))
@@ -210,7 +211,7 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
         )
         smoke = HealthCheckSensor(
             task_id="smoke", model=model.name, installed=install.output, phase="smoke", settings=health_settings,
-            artifact_root=root, **stage_args(model, "health"), **heavy_args(model, queue=False),
+            artifact_root=root, workers=model.workers, **stage_args(model, "health"), **heavy_args(model, queue=False),
         )
         promote = LMStudioPromoteOperator(
             task_id="promote", model=model.name, installed=install.output, artifact_root=root,

@@ -1,5 +1,5 @@
-"""Errors of the engine: one base class, one tree grouped by concern (config, source, merge, gguf, install,
-health, hub, trigger).
+"""Errors of the engine: one base class, one tree grouped by concern (config, source, merge, gguf, resources,
+install, health, hub, trigger).
 
 Every message names the model (when known), says what was wrong quoting the value, and gives the fix,
 so that a failed Airflow task tells the user what to do without reading code. Where a builtin exception says
@@ -91,6 +91,15 @@ class GGUFError(LoraDeployError):
 
 class ToolchainError(GGUFError):
     """The pinned llama.cpp toolchain is missing, corrupt or could not be built."""
+
+
+# --- resources: the worker's memory and disk ----------------------------------------------------------------------
+class ResourceError(LoraDeployError):
+    """A stage needs more memory or disk than its worker has; retrying on the same worker cannot add any."""
+
+
+class OutOfMemoryError(ResourceError, MemoryError):
+    """The kernel's OOM killer ended a stage's process (a tool it ran, or the task process itself)."""
 
 
 # --- install, health --------------------------------------------------------------------------------------------

@@ -31,15 +31,18 @@ from include.merge.writer import ShardedWriter  # noqa: E402
 
 # name -> hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings (the published configs)
 SHAPES = {
+    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True),
     "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
     "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
+    "qwen2.5-14b": (5120, 13824, 48, 40, 8, 152064, False),
 }
 CHUNK_ROWS = 4096
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-def tensor_shapes(shape: str, layers: int | None = None) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a Qwen2 checkpoint of ``shape`` (``layers`` overrides the depth)."""
+def tensor_shapes(shape: str, layers: int | None = None, bias: bool = True) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a Qwen2 checkpoint of ``shape`` (``layers`` overrides the depth; ``bias=False``
+    drops the q/k/v biases, as a Llama checkpoint of the same dimensions has none)."""
     hidden, inter, depth, heads, kv_heads, vocab, tied = SHAPES[shape]
     kv = hidden // heads * kv_heads
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
@@ -47,11 +50,13 @@ def tensor_shapes(shape: str, layers: int | None = None) -> dict[str, tuple[int,
         p = f"model.layers.{i}."
         out.update({
             p + "input_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.q_proj.bias": (hidden,),
-            p + "self_attn.k_proj.weight": (kv, hidden), p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv, hidden),
+            p + "self_attn.v_proj.weight": (kv, hidden),
             p + "self_attn.o_proj.weight": (hidden, hidden),
             p + "post_attention_layernorm.weight": (hidden,),
+            **({p + "self_attn.q_proj.bias": (hidden,), p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.bias": (kv,)} if bias else {}),
             p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
             p + "mlp.down_proj.weight": (hidden, inter),
         })
@@ -81,20 +86,29 @@ def tokenizer_source() -> Path:
     return cache
 
 
-def make_model(out: Path, shape: str = "qwen2.5-1.5b", layers: int | None = None, seed: int = 0) -> Path:
-    """Write the model to ``out`` (replaced if present); returns ``out``."""
+def make_model(out: Path, shape: str = "qwen2.5-1.5b", layers: int | None = None, seed: int = 0,
+               arch: str = "qwen2") -> Path:
+    """Write the model to ``out`` (replaced if present); returns ``out``.
+
+    ``arch="llama"`` writes the same dimensions as a LlamaForCausalLM (no q/k/v biases): the tiny SentencePiece
+    tokenizer then takes the converter's SentencePiece route exactly as a Llama/Mistral model's does, so the
+    deploy DAG's token comparison passes (with ``qwen2`` the converter's Qwen2 vocab handling tokenizes that
+    tokenizer differently from transformers, which a real Qwen2 model, shipped with its BPE tokenizer, never meets).
+    """
     hidden, inter, depth, heads, kv_heads, vocab, tied = SHAPES[shape]
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    specs = [TensorSpec(name, "BF16", dims) for name, dims in tensor_shapes(shape, layers).items()]
+    shapes = tensor_shapes(shape, layers, bias=arch == "qwen2")
+    specs = [TensorSpec(name, "BF16", dims) for name, dims in shapes.items()]
     with ShardedWriter(tmp, specs, max_shard_bytes=2 * 1024**3, fsync=False) as writer:
         for spec in specs:
             writer.write_bytes(spec.name, _chunks(rng, spec.name, spec.shape))
     config = {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab, "hidden_size": hidden,
+        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"], "model_type": arch,
+        "vocab_size": vocab, "hidden_size": hidden,
         "intermediate_size": inter, "num_hidden_layers": layers or depth, "num_attention_heads": heads,
         "num_key_value_heads": kv_heads, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0, "hidden_act": "silu", "tie_word_embeddings": tied, "use_sliding_window": False,
@@ -117,8 +131,9 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
     parser.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    parser.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
     args = parser.parse_args()
-    print(make_model(args.out, args.shape, args.layers))
+    print(make_model(args.out, args.shape, args.layers, arch=args.arch))
 
 
 if __name__ == "__main__":

@@ -280,11 +280,15 @@ class NotifySettings(StrictModel):
 
 
 class WorkerSettings(StrictModel):
-    """Where the heavy stages (merge, convert, quantize) run and how many may run at once."""
+    """Where the heavy stages (merge, convert, quantize) run, how many may run at once, and the memory they may use."""
 
     heavy_queue: str | None = Field(None, description="Celery queue of the heavy stages (e.g. 'gpu'); None: default")
     heavy_pool: str | None = Field(None, description="Airflow pool that limits concurrent heavy tasks; None: default")
     heavy_pool_slots: int = Field(1, ge=1, description="pool slots one heavy task takes")
+    memory_budget_mb: int | None = Field(
+        None, ge=1, description="memory (MB) this model's tasks may use on a worker, below what the worker has "
+        "(MemAvailable, capped by its cgroup); a stage whose estimate exceeds it fails before it starts. None: all "
+        "the worker has")
 
 
 DEFAULT_FIDELITY_PROMPTS = (

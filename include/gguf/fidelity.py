@@ -16,7 +16,6 @@ is closed before returning so an Airflow worker's memory stays bounded.
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import math
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from include.errors import GGUFError
+from include.gguf.mmap_llama import mmap_llama_class
 
 if TYPE_CHECKING:
     from include.config.sections import FidelitySettings
@@ -89,37 +89,6 @@ def max_ratio_for(fidelity: FidelitySettings, quant: str) -> float:
     section merges the user's entries over the built-in table, so ``default`` is always there)."""
     table = fidelity.max_ppl_ratio
     return float(table.get(quant.upper(), table["default"]))
-
-
-@functools.cache
-def mmap_llama_class() -> type:
-    """``llama_cpp.Llama`` with llama.cpp's CPU weight repacking off, so the weights stay in the mmap-ed file.
-
-    On x86 with AVX2, llama.cpp copies Q4_0/Q4_K/Q5_K/Q6_K/Q2_K/IQ4_NL/Q8_0 weights into "repack" buffers
-    (anonymous memory, the size of the quantized model); ``use_extra_bufts = False`` (llama-server's
-    ``--no-repack``) keeps them file-backed. llama-cpp-python 0.3.36 has no argument for it, but its
-    constructor assigns ``self.model_params`` and then passes that struct to llama.cpp: the setter below turns
-    the flag off on the way. F16/BF16/F32 weights are never repacked (the f16 figures are unchanged); the
-    quants' perplexity moves by ~1e-5 relative (another kernel's summation order). Anything else that serves a
-    GGUF in a worker (the smoke check) can use this class to keep its anonymous memory bounded the same way.
-    """
-    from llama_cpp import Llama, llama_model_params
-
-    if "use_extra_bufts" not in {name for name, *_ in llama_model_params._fields_}:
-        raise GGUFError("this llama-cpp-python has no llama_model_params.use_extra_bufts",
-                        fix="install the pinned llama-cpp-python (0.3.36, see constraints.txt)")
-
-    class MmapLlama(Llama):
-        @property
-        def model_params(self) -> Any:
-            return self._mmap_model_params
-
-        @model_params.setter
-        def model_params(self, params: Any) -> None:
-            params.use_extra_bufts = False
-            self._mmap_model_params = params
-
-    return MmapLlama
 
 
 @contextmanager

@@ -3,7 +3,9 @@
 Every output is written to a scratch name in the target directory (``.<name>.part-<token>``, see
 :mod:`include.store.scratch`) and renamed into place only after it was validated, so nothing half-written is ever
 seen under the final name. A tool killed half way leaves a scratch whose lock is free: the next output staged in
-that directory removes it (and in the artifact store, the whole build directory goes with the next build).
+that directory removes it (and in the artifact store, the whole build directory goes with the next build). A tool the
+kernel's OOM killer ended raises :class:`~include.errors.OutOfMemoryError` (not retried; see
+:mod:`include.resources.oom`); any other signal is returned to the caller as a negative exit code.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from include.errors import GGUFError
 from include.gguf.reader import GGUFSummary, inspect_split
+from include.resources.oom import raise_if_oom_killed, read_oom_counters
 from include.store import scratch
 
 log = logging.getLogger(__name__)
@@ -85,10 +88,14 @@ def run_tool(cmd: Sequence[str], *, what: str, env: dict[str, str] | None = None
 
 def run_streaming(cmd: Sequence[str], *, env: dict[str, str], what: str,
                    cwd: str | Path | None = None) -> tuple[int, list[str]]:
-    """Run ``cmd``, logging its output lines (rate-limited at INFO), and return (returncode, last lines)."""
+    """Run ``cmd``, logging its output lines (rate-limited at INFO), and return (returncode, last lines).
+
+    OutOfMemoryError when the tool died of SIGKILL while the kernel's OOM-kill counter rose.
+    """
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     last_info = 0.0
     log.info("%s: %s", what, " ".join(cmd))
+    counters = read_oom_counters()
     started = time.monotonic()
     # Same process group as the caller: whoever kills the task (Airflow timeout, Ctrl-C) kills the tool too.
     with subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -111,6 +118,7 @@ def run_streaming(cmd: Sequence[str], *, env: dict[str, str], what: str,
             raise
         returncode = proc.wait()
     log.info("%s: exit code %d after %.1fs", what, returncode, time.monotonic() - started)
+    raise_if_oom_killed(returncode, counters, what)
     return returncode, list(tail)
 
 

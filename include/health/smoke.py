@@ -1,8 +1,9 @@
 """The smoke check of a GGUF before promotion: an ephemeral llama.cpp server, file checks, free resources.
 
-- :func:`serve_gguf` serves a GGUF with ``python -m llama_cpp.server`` on a free loopback port, waits until it
-  answers ``GET /v1/models`` (polled through the engine's retry policy, noticing at once a server that exits)
-  and always stops the server's whole process group.
+- :func:`serve_gguf` serves a GGUF with ``python -m include.cli.serve`` (``llama_cpp.server`` with llama.cpp's CPU
+  weight repacking off, so a quantized model's weights stay file-backed instead of taking anonymous memory the
+  size of the model) on a free loopback port, waits until it answers ``GET /v1/models`` (polled through the
+  engine's retry policy, noticing at once a server that exits) and always stops the server's whole process group.
 - :func:`smoke_test` serves a GGUF and runs :func:`~include.health.endpoint.check_endpoint` against it.
 - :func:`check_gguf_file` checks an installed file: size, sha256 against the record, GGUF magic and version.
 - :func:`resources` reports free disk and memory for the health report.
@@ -36,6 +37,10 @@ READY_TIMEOUT_S = 2.0
 STOP_GRACE_S = 10.0
 TAIL_LINES = 30
 GGUF_VERSIONS = (2, 3)
+SERVER_MODULE = "include.cli.serve"
+ENGINE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the ``include`` package
+# llama_cpp.server reads these over its command line (the listen address and port, a whole config file)
+OVERRIDING_ENV = ("HOST", "PORT", "CONFIG_FILE")
 
 
 def _free_port() -> int:
@@ -50,6 +55,18 @@ def _tail(log_path: Path) -> str:
     except OSError:
         return "(no server output)"
     return "\n".join(lines[-TAIL_LINES:]) or "(no server output)"
+
+
+def _server_env() -> dict[str, str]:
+    """The server's environment: this process's, without the variables that would override its command line.
+
+    The server imports ``include.cli.serve`` from this engine's tree: when that tree is not on ``sys.path`` (an
+    editable install resolves it through an import hook), it goes first on the server's PYTHONPATH.
+    """
+    env = {name: value for name, value in os.environ.items() if name not in OVERRIDING_ENV}
+    if str(ENGINE_ROOT) not in {str(Path(entry or ".").resolve()) for entry in sys.path}:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ENGINE_ROOT), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -70,11 +87,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def serve_gguf(gguf_path: Path, *, model_id: str, startup_timeout_s: float = 120, python: str = sys.executable,
-               n_ctx: int | None = None) -> Iterator[str]:
-    """Serve ``gguf_path`` with ``python -m llama_cpp.server`` on a free loopback port; yield its base URL.
+               n_ctx: int | None = None, server_module: str = SERVER_MODULE) -> Iterator[str]:
+    """Serve ``gguf_path`` with ``python -m include.cli.serve`` on a free loopback port; yield its base URL.
 
-    The server runs in its own process group, which is always stopped on exit (also on errors).
-    HealthError with the tail of the server output if it exits or is not ready by the deadline.
+    ``server_module`` is the module run with ``python -m``: the default keeps the weights in the mmap-ed file;
+    ``"llama_cpp.server"`` is the plain server (llama.cpp's defaults: quantized weights repacked into anonymous
+    memory on AVX2 CPUs). The server runs in its own process group, which is always stopped on exit (also on
+    errors). HealthError with the tail of the server output if it exits or is not ready by the deadline.
     """
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -82,7 +101,7 @@ def serve_gguf(gguf_path: Path, *, model_id: str, startup_timeout_s: float = 120
                           fix="run the quantize stage first")
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
-    cmd = [python, "-m", "llama_cpp.server", "--model", str(gguf_path), "--model_alias", model_id,
+    cmd = [python, "-m", server_module, "--model", str(gguf_path), "--model_alias", model_id,
            "--host", "127.0.0.1", "--port", str(port)]
     if n_ctx is not None:
         cmd += ["--n_ctx", str(n_ctx)]
@@ -91,7 +110,7 @@ def serve_gguf(gguf_path: Path, *, model_id: str, startup_timeout_s: float = 120
         with log_path.open("wb") as out:
             log.info("starting %s", " ".join(cmd))
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    env=_server_env(), start_new_session=True)
         try:
             _wait_ready(proc, base_url, log_path, model_id, startup_timeout_s)
             yield base_url

@@ -19,8 +19,9 @@ from include.config.sections import FidelitySettings, ImatrixSettings, QuantizeS
 from include.errors import GGUFError
 from include.gguf.quant_types import QUANT_TYPES
 from include.gguf.toolchain import LlamaCppToolchain, user_toolchain
+from include.plan.stages import convert_stage, quantize_stage
 from include.store.artifacts import ArtifactStore, StageResult
-from operators.common import as_bool, engine_errors, section
+from operators.common import as_bool, engine_errors, memory_guard, section, workers_section
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class GGUFConvertOperator(BaseOperator):
     :param llama_cpp_dir: a llama.cpp checkout to use instead of the pinned one.
     :param llama_cpp_bin_dir: a dir with llama-quantize / llama-imatrix to use instead of the pinned build.
     :param force: convert again even if the output exists. (templated)
+    :param workers: the model's ``workers`` section (memory budget: see :func:`operators.common.memory_guard`).
 
     Returns ``{"llama_cpp", "quant_types", "base", "tokenizer", "fidelity", "imatrix"}`` and pushes the
     validated types under XCom key ``quant_types``; expand the quantize task over :func:`quant_types_of`.
@@ -115,7 +117,7 @@ class GGUFConvertOperator(BaseOperator):
     ui_color = "#fff3e0"
 
     def __init__(self, *, model: str, merged: Any, adapter: Any, quant_types: Any, artifact_root: str,
-                 settings: QuantizeSettings | Mapping[str, Any],
+                 settings: QuantizeSettings | Mapping[str, Any], workers: Any = None,
                  fidelity: FidelitySettings | Mapping[str, Any] | None = None, llama_cpp_dir: str | None = None,
                  llama_cpp_bin_dir: str | None = None, force: bool | str = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -123,6 +125,7 @@ class GGUFConvertOperator(BaseOperator):
         self.merged = merged
         self.adapter = adapter
         self.quant_types = quant_types
+        self.workers = workers_section(workers, model=model)
         self.artifact_root = artifact_root
         self.settings = section(QuantizeSettings, settings, model=model, name="quantize")
         self.fidelity = _fidelity_section(fidelity, model)
@@ -138,7 +141,8 @@ class GGUFConvertOperator(BaseOperator):
         from include.gguf.metadata import disk_preflight, gguf_metadata
 
         s = self.settings
-        with engine_errors(self.model):
+        with engine_errors(self.model), memory_guard(self, context, "convert", lambda: convert_stage(
+                Path(self.merged["path"]), self.merged.get("fused_adapter"), s, self.fidelity)):
             types = validated_types(self.quant_types, s.imatrix)
             toolchain = _toolchain(self.llama_cpp_dir, self.llama_cpp_bin_dir)
             store = ArtifactStore(self.artifact_root)
@@ -272,6 +276,7 @@ class GGUFQuantizeOperator(BaseOperator):
     :param llama_cpp_dir: a llama.cpp checkout to use instead of the pinned one.
     :param llama_cpp_bin_dir: a dir with llama-quantize / llama-imatrix to use instead of the pinned build.
     :param force: quantize again even if the output exists. (templated)
+    :param workers: the model's ``workers`` section (memory budget: see :func:`operators.common.memory_guard`).
 
     Returns one file record ``{"quant", "path", "bytes", "sha256", "bits_per_weight", "weights_by_type",
     "type_fraction", "reused", "llama_cpp", "perplexity", "perplexity_f16", "ppl_ratio"}`` (+ ``shards``).
@@ -281,13 +286,14 @@ class GGUFQuantizeOperator(BaseOperator):
     ui_color = "#ffe0b2"
 
     def __init__(self, *, model: str, converted: Any, quant_type: str, artifact_root: str,
-                 settings: QuantizeSettings | Mapping[str, Any],
+                 settings: QuantizeSettings | Mapping[str, Any], workers: Any = None,
                  fidelity: FidelitySettings | Mapping[str, Any] | None = None, llama_cpp_dir: str | None = None,
                  llama_cpp_bin_dir: str | None = None, force: bool | str = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model = model
         self.converted = converted
         self.quant_type = quant_type
+        self.workers = workers_section(workers, model=model)
         self.artifact_root = artifact_root
         self.settings = section(QuantizeSettings, settings, model=model, name="quantize")
         self.fidelity = _fidelity_section(fidelity, model)
@@ -299,7 +305,8 @@ class GGUFQuantizeOperator(BaseOperator):
         """Quantize (or reuse), validate the types used, then the perplexity gate."""
         from include.gguf.quantize import check_quant_used, quantize_gguf
 
-        with engine_errors(self.model):
+        with engine_errors(self.model), memory_guard(self, context, "quantize", lambda: quantize_stage(
+                Path(self.converted["base"]["path"]), str(self.quant_type), self.fidelity)):
             s = self.settings
             quant = validated_types([self.quant_type], s.imatrix)[0]
             base = dict(self.converted["base"])

@@ -12,7 +12,7 @@ from include.config.sections import MergeSettings
 from include.merge.base_model import fingerprint, resolve_base_model
 from include.store.artifacts import ArtifactStore
 from include.store.hashing import digest_of
-from operators.common import as_bool, engine_errors, section
+from operators.common import as_bool, engine_errors, memory_guard, section, workers_section
 
 MERGE_ENGINE_VERSION = "2"  # 2: float64 merge math, DoRA/bias/embedding/modules_to_save
 
@@ -31,6 +31,8 @@ class MergeOperator(BaseOperator):
     ``dtype``, ``backend`` and ``max_shard_mb`` are the ``merge`` section's fields, validated by it; one left out
     (None) takes the section's default.
     :param force: merge again even if this merge exists. (templated)
+    :param workers: the model's ``workers`` section: the memory budget the stage's estimate must fit (checked at
+        the start of ``execute`` on the worker running it; an OOM kill fails the task without retries).
 
     With ``backend="fused"`` nothing is merged here: the adapter is validated against the base and the record
     points the convert stage at the base (``path``) and the adapter (``fused_adapter``), which it merges inside
@@ -54,6 +56,7 @@ class MergeOperator(BaseOperator):
         backend: str | None = None,
         max_shard_mb: int | None = None,
         force: bool | str = False,
+        workers: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -65,12 +68,15 @@ class MergeOperator(BaseOperator):
         self.settings = section(MergeSettings, {k: v for k, v in chosen.items() if v is not None}, model=model,
                                 name="merge")
         self.force = force
+        self.workers = workers_section(workers, model=model)
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Validate, merge into a temp dir of the store, return the record."""
         from include.merge.backends import choose_backend, merge_model
+        from include.plan.stages import merge_stage
 
-        with engine_errors(self.model):
+        with engine_errors(self.model), memory_guard(self, context, "merge", lambda: merge_stage(
+                resolve_base_model(self.base_model), Path(self.adapter["path"]), self.settings)):
             base_dir = resolve_base_model(self.base_model)
             adapter_dir = Path(self.adapter["path"])
             s = self.settings

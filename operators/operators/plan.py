@@ -1,4 +1,4 @@
-"""DeployPlanOperator: resolve the adapter, check connections and disk, log the plan; stop early when asked to."""
+"""DeployPlanOperator: resolve the adapter, check connections, memory and disk, log the plan; stop early if asked."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from typing import Any
 from airflow.providers.standard.utils.skipmixin import SkipMixin
 from airflow.sdk import BaseOperator, Context
 
-from include.config.sections import HFSettings, MergeSettings, QuantizeSettings, VastAISource
+from include.config.sections import FidelitySettings, HFSettings, MergeSettings, QuantizeSettings, VastAISource
 from include.errors import ConfigError
 from include.gguf.quant_types import QUANT_TYPES
-from include.plan import DeployPlan, check_targets, count_parameters, disk_check, estimate_outputs, require_space
+from include.plan import DeployPlan, check_targets, disk_check, estimate_outputs, require_space, same_filesystem
+from include.plan.shapes import ModelShape
 from include.source.download import select_checkpoint
-from operators.common import SourceSettings, as_bool, engine_errors, section, source_section
+from operators.common import SourceSettings, as_bool, engine_errors, section, source_section, workers_section
 from operators.hooks.huggingface import TOKEN_ENV, HuggingFaceHook
 from operators.hooks.training_box import TrainingBoxHook
 from operators.hooks.vastai import API_KEY_ENV
@@ -32,7 +33,9 @@ class DeployPlanOperator(CheckpointSourceMixin, BaseOperator, SkipMixin):
     It selects the adapter version (the run's ``adapter_version``; else the newest asset event's
     ``extra.adapter_version``; else, for scheduled and backfill runs, the newest checkpoint not newer than
     the data interval end; else the newest), checks the connections the run needs, estimates every output's
-    size and checks free disk space, reads the deployments ledger, and logs the plan. Then:
+    size and the artifact root's high-water mark against free disk space, estimates each stage's peak memory
+    against what this worker has (stages on ``workers.heavy_queue`` are checked by their own worker), reads the
+    deployments ledger, and logs the plan. A stage or a disk that cannot fit fails the task (not retried). Then:
 
     * ``dry_run``: the plan is the result; every later task is skipped (nothing is written).
     * an unattended run (scheduled, backfill, asset) whose adapter is already deployed: skipped likewise,
@@ -47,6 +50,8 @@ class DeployPlanOperator(CheckpointSourceMixin, BaseOperator, SkipMixin):
     :param quantize: the model's ``quantize`` section (the converter's ``outtype``); None: defaults.
     :param lmstudio_dir: LM Studio's models directory, or None when it is discovered at install time.
     :param hf: the model's ``hf`` section (or its ``model_dump()``), or None.
+    :param fidelity: the model's ``fidelity`` section (the gate's memory); None: defaults.
+    :param workers: the model's ``workers`` section (``heavy_queue``, ``memory_budget_mb``); None: defaults.
     :param slack_conn_id: the Slack webhook connection (a missing one is a warning, not an error).
     :param target_tasks: task ids per target, skipped when the run leaves the target out.
     :param adapter_version: a checkpoint name, or empty to select one. (templated)
@@ -68,6 +73,7 @@ class DeployPlanOperator(CheckpointSourceMixin, BaseOperator, SkipMixin):
                  base_model: str, merge: MergeSettings | Mapping[str, Any] | None = None,
                  quantize: QuantizeSettings | Mapping[str, Any] | None = None, lmstudio_dir: str | None = None,
                  hf: HFSettings | Mapping[str, Any] | None = None, slack_conn_id: str | None = None,
+                 fidelity: FidelitySettings | Mapping[str, Any] | None = None, workers: Any = None,
                  target_tasks: dict[str, list[str]] | None = None, adapter_version: Any = None,
                  instance_id: Any = None, quant_types: Any = (), targets: Any = ("lmstudio", "huggingface"),
                  force: Any = False, promote: Any = False, dry_run: Any = False, **kwargs: Any) -> None:
@@ -80,6 +86,8 @@ class DeployPlanOperator(CheckpointSourceMixin, BaseOperator, SkipMixin):
         self.quantize = section(QuantizeSettings, quantize, model=model, name="quantize")
         self.lmstudio_dir = lmstudio_dir
         self.hf = section(HFSettings, hf, model=model, name="hf") if hf is not None else None
+        self.fidelity = section(FidelitySettings, fidelity, model=model, name="fidelity")
+        self.workers = workers_section(workers, model=model)
         self.slack_conn_id = slack_conn_id
         self.target_tasks = target_tasks or {}
         self.adapter_version = adapter_version
@@ -122,30 +130,55 @@ class DeployPlanOperator(CheckpointSourceMixin, BaseOperator, SkipMixin):
         if not requested:
             selected_by = "data_interval_end" if not_after is not None else "newest"
         from include.merge.base_model import resolve_base_model
+        from include.plan import model_shape
+        from include.plan.fit import require_memory
 
-        parameters, base_bytes = count_parameters(resolve_base_model(self.base_model))
-        outputs = estimate_outputs(parameters, base_bytes, self.merge_dtype, self.quantize.outtype, quant_types)
+        shape = model_shape(resolve_base_model(self.base_model))
+        outputs = estimate_outputs(shape.parameters, shape.stored_bytes, self.merge_dtype, self.quantize.outtype,
+                                   quant_types, shape=shape, output_type=self.quantize.output_tensor_type)
         current, deployed = self._ledger()
         plan = DeployPlan(
             model=self.model, version=checkpoint.name, adapter_time=_iso(checkpoint.mtime), selected_by=selected_by,
-            source=where, base_model=self.base_model, parameters=parameters,
+            source=where, base_model=self.base_model, parameters=shape.parameters,
             merge_dtype=self.merge_dtype, quant_types=quant_types, targets=targets, outputs=outputs,
             lmstudio_dir=self.lmstudio_dir, hf_repo=self.hf.repo_id if self.hf else None,
             hf_space=self.hf.space_id if self.hf else None, current_version=current,
             already_deployed=checkpoint.name in deployed, dry_run=as_bool(self.dry_run),
             promote=as_bool(self.promote),
             instance_id=self.source.instance_id if isinstance(self.source, VastAISource) else None)
-        plan.disk.append(disk_check(Path(self.artifact_root), sum(o["bytes"] for o in outputs)))
-        if "lmstudio" in targets and self.lmstudio_dir:
-            quants = sum(o["bytes"] for o in outputs if o["name"] in quant_types)
-            if _same_filesystem(Path(self.lmstudio_dir), Path(self.artifact_root)):
-                quants = 0  # installs are hard links into the artifact store
-            plan.disk.append(disk_check(Path(self.lmstudio_dir), quants))
+        self._plan_resources(plan, shape, outputs, quant_types, targets)
         if self.hf is None and "huggingface" in list(self.targets or ()):
             plan.warnings.append("the model has no `hf` section: nothing is published")
         if not plan.dry_run:
             require_space(plan)
+            require_memory(plan)
         return plan
+
+    def _plan_resources(self, plan: DeployPlan, shape: ModelShape, outputs: list[dict[str, Any]],
+                        quant_types: list[str], targets: list[str]) -> None:
+        """Memory per stage against this worker, the artifact root's high-water mark, LM Studio's disk."""
+        from include.plan.disk import high_water, imatrix_bytes
+        from include.plan.fit import memory_entries, memory_warnings
+        from include.plan.memory import goal_bytes
+        from include.plan.stages import adapter_bound, run_estimates
+        from include.resources.memory import worker_memory
+
+        memory = worker_memory(self.workers.memory_budget_mb)
+        estimates = run_estimates(shape, merge=self.merge, quantize=self.quantize, fidelity=self.fidelity,
+                                  quant_types=quant_types, smoke="lmstudio" in targets)
+        plan.memory = memory_entries(estimates, memory, self.workers.heavy_queue)
+        plan.worker_memory = memory.as_record()
+        plan.warnings += memory_warnings(plan)
+        what, size = shape.largest_layer
+        plan.largest_layer, plan.goal_bytes = {"name": what, "fp32_bytes": size}, goal_bytes(shape)
+        parts = high_water(outputs, adapter_bytes=adapter_bound(shape),
+                           imatrix=imatrix_bytes(shape) if self.quantize.imatrix.configured else 0)
+        plan.disk.append(disk_check(Path(self.artifact_root), sum(parts.values()), parts))
+        if "lmstudio" in targets and self.lmstudio_dir:
+            quants = {o["name"]: o["bytes"] for o in outputs if o["name"] in quant_types}
+            if same_filesystem(Path(self.lmstudio_dir), Path(self.artifact_root)):
+                quants = {}  # installs are hard links into the artifact store
+            plan.disk.append(disk_check(Path(self.lmstudio_dir), sum(quants.values()), quants))
 
     @property
     def merge_dtype(self) -> str:
@@ -231,12 +264,3 @@ def _iso(timestamp: float) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
-
-
-def _same_filesystem(a: Path, b: Path) -> bool:
-    def device(path: Path) -> int:
-        while not path.exists() and path != path.parent:
-            path = path.parent
-        return path.stat().st_dev
-
-    return device(a) == device(b)

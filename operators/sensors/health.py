@@ -12,7 +12,7 @@ from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
 from include.config.sections import HealthSettings, LMStudioSettings
-from operators.common import engine_errors, section
+from operators.common import engine_errors, memory_guard, section, workers_section
 from operators.operators.lmstudio import run_id_of
 
 
@@ -36,6 +36,8 @@ class HealthCheckSensor(BaseSensorOperator):
     :param artifact_root: where the deployments ledger lives. (templated)
     :param promoted: the promote task's record; live checks run only when it promoted. (templated)
     :param deferrable: wait for the live endpoint in the triggerer (also ``health.deferrable``).
+    :param workers: the model's ``workers`` section: the smoke server's memory estimate must fit its budget (see
+        :func:`operators.common.memory_guard`; checked when the server is about to start).
 
     Returns (XCom) and appends to the ledger: ``{"ok", "phase", "version", "checks": [{"name", "ok", "detail"}],
     "latency_s", "tokens_per_s", "answer_excerpt", "disk_free_bytes": {"models_dir", "artifact_root"},
@@ -46,7 +48,8 @@ class HealthCheckSensor(BaseSensorOperator):
     ui_color = "#fce4ec"
 
     def __init__(self, *, model: str, installed: Any, phase: Literal["smoke", "live"], settings: Mapping[str, Any],
-                 artifact_root: str, promoted: Any = None, deferrable: bool = False, **kwargs: Any) -> None:
+                 artifact_root: str, promoted: Any = None, deferrable: bool = False, workers: Any = None,
+                 **kwargs: Any) -> None:
         if phase not in ("smoke", "live"):
             raise ValueError(f"phase must be 'smoke' or 'live', not {phase!r}")
         lmstudio, health = _sections(settings, model)
@@ -62,6 +65,7 @@ class HealthCheckSensor(BaseSensorOperator):
         self.artifact_root = artifact_root
         self.promoted = promoted
         self.deferrable = bool(deferrable or self.health.deferrable)
+        self.workers = workers_section(workers, model=model)
         self._last: dict[str, Any] | None = None
 
     # --- the flow -------------------------------------------------------------------------------------------
@@ -105,6 +109,7 @@ class HealthCheckSensor(BaseSensorOperator):
         from include.errors import HealthError
         from include.health.endpoint import check_chat, evaluate
         from include.health.smoke import check_gguf_file, serve_gguf
+        from include.plan.stages import smoke_stage
 
         h, target = self.health, self._target()
         chat = {"system_prompt": h.system_prompt, "prompt": h.prompt, "max_tokens": h.max_tokens}
@@ -118,7 +123,8 @@ class HealthCheckSensor(BaseSensorOperator):
             if all(c["ok"] for c in checks):
                 started = time.monotonic()
                 try:
-                    with engine_errors(self.model), serve_gguf(
+                    with engine_errors(self.model), memory_guard(
+                            self, context, "smoke", lambda: smoke_stage(Path(target["path"]))), serve_gguf(
                             Path(target["path"]), model_id=target["identifier"],
                             startup_timeout_s=h.startup_timeout_s) as url:
                         figures = check_chat(url, model_id=target["identifier"], **chat)

@@ -34,6 +34,7 @@ class TaskRssSampler:
 
     roots: list[int]
     interval_s: float = 0.1
+    anonymous: bool = False  # RssAnon (/proc/<pid>/status) instead of RSS: file-backed pages (mmap) not counted
     samples: list[Sample] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -66,7 +67,7 @@ class TaskRssSampler:
                 continue
             for proc in procs:
                 try:
-                    rss[proc.pid] = proc.memory_info().rss
+                    rss[proc.pid] = rss_anon(proc.pid) if self.anonymous else proc.memory_info().rss
                     titles[proc.pid] = " ".join(proc.cmdline())
                     children.setdefault(proc.ppid(), []).append(proc.pid)
                 except psutil.Error:
@@ -97,6 +98,18 @@ class TaskRssSampler:
     def peak_process(self) -> int:
         """The largest RSS of one process (bytes)."""
         return max((s.largest for s in self.samples), default=0)
+
+
+def rss_anon(pid: int) -> int:
+    """A process's anonymous resident memory in bytes (``RssAnon``); psutil.NoSuchProcess when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError as err:
+        raise psutil.NoSuchProcess(pid) from err
+    return 0
 
 
 def _tree_rss(pid: int, rss: dict[int, int], children: dict[int, list[int]]) -> int:

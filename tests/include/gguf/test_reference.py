@@ -203,11 +203,16 @@ def peak_rss_anon_mb(mode: str, model_dir: Path) -> float:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
     status = Path(f"/proc/{proc.pid}/status")
+    ours = Path("/proc/self/cmdline").read_bytes()
 
     def sample() -> None:
         nonlocal peak
         while proc.poll() is None:
             try:
+                # Until the child has exec'd it shares this (large) process's memory: not the child's own.
+                if Path(f"/proc/{proc.pid}/cmdline").read_bytes() == ours:
+                    time.sleep(0.002)
+                    continue
                 line = next(x for x in status.read_text().splitlines() if x.startswith("RssAnon:"))
             except (OSError, StopIteration):
                 break

@@ -17,17 +17,8 @@ import pytest
 from include.errors import HealthError
 from include.health.endpoint import ENDPOINT_RETRY, check_endpoint
 from include.health.smoke import serve_gguf, smoke_test
-from tests.gguf_helpers import tiny_gguf
 
 PROMPT = "Hello world, deploy the model"
-
-
-@pytest.fixture(scope="session")
-def q8_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model as Q8_0 (shared with test_gguf through the session's base temp dir)."""
-    root = tmp_path_factory.getbasetemp() / "tiny-gguf"
-    root.mkdir(exist_ok=True)
-    return tiny_gguf(root, "Q8_0")
 
 
 def _port_closed(base_url: str, deadline_s: float = 10.0) -> bool:
