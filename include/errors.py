@@ -127,3 +127,8 @@ class TransientPublishError(PublishError):
 # --- trigger: Airflow's REST API, called by training jobs -------------------------------------------------------
 class TriggerError(LoraDeployError):
     """The api-server refused or could not be reached; the message says what to fix."""
+
+
+# --- deployments: the Deployments page ----------------------------------------------------------------------------
+class UnknownModelError(LookupError):
+    """A model name that is not in the config; the message lists the configured models (the page answers 404)."""

@@ -16,4 +16,12 @@ fi
 
 cd "$ROOT"
 "$VENV/bin/ruff" check .
-exec "$VENV/bin/python" -m pytest "$@"
+# The tests must leave the checkout as they found it (they write only under temp dirs and tests/artifacts/).
+before="$(git status --porcelain 2>/dev/null || true)"
+"$VENV/bin/python" -m pytest "$@"
+after="$(git status --porcelain 2>/dev/null || true)"
+if [ "$before" != "$after" ]; then
+  echo "the tests changed the checkout (git status --porcelain, before vs after):" >&2
+  diff <(echo "$before") <(echo "$after") >&2 || true
+  exit 1
+fi

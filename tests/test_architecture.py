@@ -344,3 +344,17 @@ def test_the_hook_and_settings_rules_see_a_violation(tmp_path: Path) -> None:
         "    e = s.get('not_a_field', 1)", "    f = s.get('path') or ''", "    return s.get('max_tokens', None)", ""]))
     assert connection_reads(planted) == [("get_connection", 2), ("aget_connection", 4)]
     assert [line for line, _ in restated_defaults(planted)] == [6, 7, 8]
+
+
+def test_engine_errors_live_in_one_module() -> None:
+    """Every public exception class of the engine is defined in include/errors.py (private helpers may not leak)."""
+    outside = []
+    for path in sorted((ROOT / "include").rglob("*.py")):
+        if path.name == "errors.py" and path.parent.name == "include":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_") and any(
+                    (getattr(base, "id", None) or getattr(base, "attr", "")).endswith(("Error", "Exception"))
+                    for base in node.bases):
+                outside.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert outside == [], "define engine errors in include/errors.py: " + ", ".join(outside)

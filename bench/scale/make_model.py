@@ -35,6 +35,7 @@ SHAPES = {
     "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True),
     "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
     "qwen2.5-14b": (5120, 13824, 48, 40, 8, 152064, False),
+    "llama3-70b": (8192, 28672, 80, 64, 8, 128256, False),  # for stage_memory.py --predict (140 GB: not generated)
 }
 CHUNK_ROWS = 4096
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -14,7 +14,7 @@ deploys the adapters one after another, as a nightly schedule would. For each ru
   every 0.5 s; file-backed pages (the mmap'd safetensors and GGUFs) are the kernel's cache and are not counted;
 * the disk high-water mark: the filesystem's used bytes, sampled every 0.5 s, minus the value before the run
   (the base model and the previous runs' kept files are already there);
-* the bytes left in the artifact store and the LM Studio models tree after the run;
+* the bytes left in the artifact store, in the LM Studio models tree, and in both (hard links once) after the run;
 * the plan task's record (its estimates, to compare with the measurements).
 
 ``--reference`` also runs the seed-style script on the same base and first adapter (bench/scale/reference.py:
@@ -55,16 +55,17 @@ def gb(value: float) -> float:
     return round(value / 1e9, 2)
 
 
-def tree_bytes(path: Path) -> int:
-    """Bytes of the regular files under ``path`` (hard links counted once)."""
+def tree_bytes(*paths: Path) -> int:
+    """Bytes of the regular files under ``paths`` (a file hard-linked in several places counted once)."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            stat = os.lstat(os.path.join(root, name))
-            if (stat.st_dev, stat.st_ino) not in seen:
-                seen.add((stat.st_dev, stat.st_ino))
-                total += stat.st_size
+    for path in paths:
+        for root, _, files in os.walk(path):
+            for name in files:
+                stat = os.lstat(os.path.join(root, name))
+                if (stat.st_dev, stat.st_ino) not in seen:
+                    seen.add((stat.st_dev, stat.st_ino))
+                    total += stat.st_size
     return total
 
 
@@ -176,10 +177,12 @@ def deploy_all(work: Path, config: Path, versions: list[str]) -> list[dict[str, 
                    "peak_anon_gb": max((t["peak_anon_gb"] for t in tasks.values()), default=0.0),
                    "disk_high_water_gb": gb(disk.peak - disk.start),
                    "store_gb": gb(tree_bytes(work / "artifacts")), "lmstudio_gb": gb(tree_bytes(work / "lmstudio")),
+                   "store_and_lmstudio_gb": gb(tree_bytes(work / "artifacts", work / "lmstudio")),
                    "plan": xcom(services, run_id, "plan"), "retention": xcom(services, run_id, "retention")}
             runs.append(run)
             print(f"{version}: {state} in {wall:.0f} s; peak anon {run['peak_anon_gb']} GB; disk high-water "
-                  f"{run['disk_high_water_gb']} GB; store {run['store_gb']} GB", flush=True)
+                  f"{run['disk_high_water_gb']} GB; store {run['store_gb']} GB; store + LM Studio "
+                  f"{run['store_and_lmstudio_gb']} GB", flush=True)
             print("  " + ", ".join(f"{k} {v.get('wall_s', '-')} s/{v['peak_anon_gb']} GB" for k, v in tasks.items()),
                   flush=True)
             if state != "success":
@@ -209,10 +212,31 @@ def summarize(shape: str, runs: list[dict[str, Any]], reference: dict[str, Any] 
                                  for k in first["tasks"]}
     entry["disk_high_water_gb"] = max(r["disk_high_water_gb"] for r in runs)
     entry["store_gb_after_runs"] = [r["store_gb"] for r in runs]
+    entry["store_and_lmstudio_gb_after_runs"] = [r.get("store_and_lmstudio_gb") for r in runs]
     if reference:
         entry["reference"] = reference
         entry["ratio_vs_reference"] = round(first["wall_s"] / reference["wall_s"], 3)
     return entry
+
+
+def overview(shapes: dict[str, Any]) -> dict[str, Any]:
+    """The cross-shape view at the top of scale.json: one key per figure, one entry per shape (smallest first)."""
+    order = sorted(shapes, key=lambda name: (shapes[name]["runs"][0].get("plan") or {}).get("parameters", 0))
+    params = {name: round(((shapes[name]["runs"][0].get("plan") or {}).get("parameters", 0)) / 1e9, 2)
+              for name in order}
+    return {
+        "params_b": params,
+        "goal_gb": {name: shapes[name]["goal_gb"] for name in order},
+        "peak_anon_rss_gb": {name: shapes[name]["peak_anon_rss_gb"] for name in order},
+        "disk_high_water_gb": {name: shapes[name]["disk_high_water_gb"] for name in order},
+        "store_gb_after_1_run": {name: shapes[name]["store_gb_after_runs"][0] for name in order},
+        "store_and_lmstudio_gb_after_runs": {name: shapes[name].get("store_and_lmstudio_gb_after_runs")
+                                             for name in order},
+        "store_gb_after_3_runs": {name: (shapes[name]["store_gb_after_runs"][2]
+                                         if len(shapes[name]["store_gb_after_runs"]) >= 3 else None)
+                                  for name in order},
+        "wall_s": {name: shapes[name]["wall_s"] for name in order},
+    }
 
 
 def main() -> int:
@@ -245,6 +269,7 @@ def main() -> int:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results.setdefault("shapes", {})[args.shape] = summarize(args.shape, runs, reference)
     results.setdefault("commands", {})[args.shape] = "python bench/scale/run.py " + " ".join(sys.argv[1:])
+    results.update(overview(results["shapes"]))
     results["cpus"], results["mem_gb"] = os.cpu_count(), gb(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

@@ -166,7 +166,7 @@ def predict(shape_name: str) -> None:
     from make_model import SHAPES, tensor_shapes
 
     from include.config.sections import FidelitySettings, MergeSettings, QuantizeSettings
-    from include.plan import estimate_outputs
+    from include.plan import estimate_outputs, memory
     from include.plan.memory import goal_bytes
     from include.plan.shapes import model_shape
     from include.plan.stages import run_estimates
@@ -191,6 +191,10 @@ def predict(shape_name: str) -> None:
     for estimate in run_estimates(shape, merge=MergeSettings(), quantize=QuantizeSettings(types=types),
                                   fidelity=FidelitySettings(), quant_types=types):
         print(f"{estimate.stage:9s} {estimate.peak_bytes / 1e6:9,.0f} MB  {estimate.terms()}")
+        if estimate.stage == "convert":  # its phases run one after another; the task's peak is the largest
+            for phase, found in memory.convert_phases(shape, fused=True, fidelity=FidelitySettings(),
+                                                      imatrix=None).items():
+                print(f"  {phase:12s} {found.peak_bytes / 1e6:6,.0f} MB  {found.terms()}")
     print(f"goal      {goal_bytes(shape) / 1e6:9,.0f} MB  (largest layer: {shape.largest_layer[0]}, "
           f"{shape.largest_layer[1] / 1e6:,.0f} MB in float32)")
     for output in estimate_outputs(shape.parameters, shape.stored_bytes, "fused", "f16", types, shape=shape)[1:]:

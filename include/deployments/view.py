@@ -17,16 +17,12 @@ from typing import Any
 from urllib.parse import quote
 
 from include.config.model import LoadedConfig, ModelConfig
-from include.errors import LoraDeployError
+from include.errors import LoraDeployError, UnknownModelError
 from include.lmstudio import ledger as L
 
 HF = "https://huggingface.co"
 HEALTH_KEYS = ("ok", "phase", "latency_s", "tokens_per_s", "completion_tokens", "answer_excerpt", "at", "endpoint")
 FILE_KEYS = ("quant", "path", "bytes", "sha256", "bits_per_weight", "perplexity", "ppl_ratio")
-
-
-class UnknownModelError(LookupError):
-    """A model name that is not in the config; the message lists the configured models."""
 
 
 def hf_links(model: ModelConfig, version: str | None = None) -> dict[str, str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from include.config.sections import FidelitySettings
 
 log = logging.getLogger(__name__)
+PROGRESS_S = 15.0  # seconds between progress lines of a perplexity run
 
 N_THREADS = 2  # fixed: the figures must not depend on the worker's core count
 ROW_BLOCK = 16  # logits rows per float64 block (16 x 152k vocab x 8 bytes = 19 MB)
@@ -214,12 +216,17 @@ def perplexity(gguf_path: Path, text: str, *, n_ctx: int = 256) -> float:
     import numpy as np
 
     total_nll, scored = 0.0, 0
+    started = last = time.monotonic()
     with _llama(gguf_path, n_ctx) as llm:
         tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         bos = llm.token_bos()
         prefix = [bos] if bos is not None and bos >= 0 else []
         step = n_ctx - len(prefix)
         for start in range(0, len(tokens), step):
+            if time.monotonic() - last >= PROGRESS_S:  # a 7B f16 takes ~2 min on 2 cores, a 70B ~20
+                last = time.monotonic()
+                log.info("perplexity of %s: %d of %d tokens in %.0f s", Path(gguf_path).name, start, len(tokens),
+                         last - started)
             chunk = prefix + tokens[start:start + step]
             if len(chunk) < 2:
                 continue

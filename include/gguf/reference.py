@@ -25,6 +25,7 @@ whose layout has not been verified against the full model raise :class:`GGUFErro
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import numpy as np
 from include.errors import GGUFError
 
 log = logging.getLogger(__name__)
+PROGRESS_S = 15.0  # seconds between progress lines of the layer-by-layer forward pass
 
 # Verified against the full-model logits (tests/include/gguf/test_reference.py): the decoder takes
 # ``inputs_embeds`` as is (no embedding scale), its parameters are the checkpoint's names.
@@ -161,16 +163,26 @@ def _materialise(module: Any, prefix: str, weights: _Weights) -> None:
 
 
 def _layer_hooks(decoder: Any, weights: _Weights) -> list[Any]:
-    """Forward hooks that load decoder layer ``i`` just before it runs and free it right after."""
+    """Forward hooks that load decoder layer ``i`` just before it runs and free it right after.
+
+    At most every PROGRESS_S seconds the task log gets a progress line (a 70B model's 80 layers take minutes).
+    """
     handles = []
+    started = last = time.monotonic()
+    total = len(decoder.layers)
     for index, layer in enumerate(decoder.layers):
         prefix = f"model.layers.{index}."
 
         def load(module: Any, _args: Any, prefix: str = prefix) -> None:
             _materialise(module, prefix, weights)
 
-        def free(module: Any, _args: Any, _output: Any) -> None:
+        def free(module: Any, _args: Any, _output: Any, done: int = index + 1) -> None:
+            nonlocal last
             module.to("meta")
+            now = time.monotonic()
+            if now - last >= PROGRESS_S and done < total:
+                last = now
+                log.info("reference logits: %d of %d layers in %.0f s", done, total, now - started)
 
         handles += [layer.register_forward_pre_hook(load), layer.register_forward_hook(free)]
     return handles

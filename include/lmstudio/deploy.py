@@ -62,18 +62,39 @@ def deploy(ggufs: list[dict[str, Any]], adapter: dict[str, Any], *, model: str, 
         extra = {g["quant"]: g for g in ggufs}
         L.record_install(ledger, version, adapter_time=when, run_id=run_id,
                          files=[{**extra[f["quant"]], **f} for f in files])
-        for old in versions_to_prune(ledger, int(settings.get("keep_versions", 3))):
-            if old == version:
-                continue
-            removed = delete_files(ledger["versions"][old])
-            ledger["versions"][old]["status"] = "pruned"
-            L.add_event(ledger, "prune", old, reason=f"keep_versions={settings.get('keep_versions', 3)}",
-                        run_id=run_id)
-            result["pruned"].append({"version": old, "paths": removed})
-            log.info("pruned %s (%d file(s))", old, len(removed))
+        result["pruned"] = _prune(ledger, int(settings.get("keep_versions", 3)), run_id=run_id, spare=version)
     installed = [{**f, "identifier": identifier(settings, model)} for f in files]
     return {**result, "installed": [{k: f[k] for k in ("quant", "path", "identifier", "bytes", "sha256", "linked")}
                                     for f in installed], "noop": False}
+
+
+def prune(*, model: str, artifact_root: str, keep_versions: int, run_id: str | None,
+          dry_run: bool = False) -> list[dict[str, Any]]:
+    """Delete the files of the installed versions beyond ``keep_versions`` (never current or previous).
+
+    Install prunes before the new version becomes current, so right after a promote one version more than
+    ``keep_versions`` allows is still installed; the retention teardown calls this so that LM Studio and the
+    artifact store keep the same versions. ``dry_run``: only the versions that would go, nothing deleted.
+    """
+    if dry_run:
+        return [{"version": v, "paths": []} for v in versions_to_prune(L.read_ledger(artifact_root, model),
+                                                                        keep_versions)]
+    with L.update_ledger(artifact_root, model) as ledger:
+        return _prune(ledger, keep_versions, run_id=run_id)
+
+
+def _prune(ledger: dict[str, Any], keep: int, *, run_id: str | None, spare: str | None = None
+           ) -> list[dict[str, Any]]:
+    pruned = []
+    for old in versions_to_prune(ledger, keep):
+        if old == spare:
+            continue
+        removed = delete_files(ledger["versions"][old])
+        ledger["versions"][old]["status"] = "pruned"
+        L.add_event(ledger, "prune", old, reason=f"keep_versions={keep}", run_id=run_id)
+        pruned.append({"version": old, "paths": removed})
+        log.info("pruned %s (%d file(s))", old, len(removed))
+    return pruned
 
 
 def _same_files(entry: dict[str, Any], ggufs: list[dict[str, Any]]) -> bool:

@@ -33,11 +33,6 @@ def _toolchain(llama_cpp_dir: str | None, llama_cpp_bin_dir: str | None) -> Llam
     return toolchain
 
 
-def _fidelity_section(fidelity: FidelitySettings | Mapping[str, Any] | None, model: str) -> FidelitySettings | None:
-    """The ``fidelity`` section an operator was given (None: the gate is off)."""
-    return section(FidelitySettings, fidelity, model=model, name="fidelity") if fidelity is not None else None
-
-
 def _fidelity(fidelity: FidelitySettings | None) -> tuple[Any, FidelitySettings] | tuple[None, None]:
     """``(include.gguf.fidelity module, the section)`` when the gate is enabled (the module imports lazily)."""
     if fidelity is None or not fidelity.enabled:
@@ -87,7 +82,25 @@ def _file_record(quant: str, result: StageResult, toolchain_version: str) -> dic
                if gguf.get("shards") else {})}
 
 
-class GGUFConvertOperator(BaseOperator):
+class _LlamaCppStage(BaseOperator):
+    """What convert and quantize share: the model, the store, the quantize/fidelity/workers sections, the toolchain."""
+
+    def __init__(self, *, model: str, artifact_root: str, settings: QuantizeSettings | Mapping[str, Any],
+                 workers: Any = None, fidelity: FidelitySettings | Mapping[str, Any] | None = None,
+                 llama_cpp_dir: str | None = None, llama_cpp_bin_dir: str | None = None, force: bool | str = False,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.workers = workers_section(workers, model=model)
+        self.artifact_root = artifact_root
+        self.settings = section(QuantizeSettings, settings, model=model, name="quantize")
+        self.fidelity = None if fidelity is None else section(FidelitySettings, fidelity, model=model, name="fidelity")
+        self.llama_cpp_dir = llama_cpp_dir
+        self.llama_cpp_bin_dir = llama_cpp_bin_dir
+        self.force = force
+
+
+class GGUFConvertOperator(_LlamaCppStage):
     """Convert the merged model to an f16 GGUF with the pinned (or the user's) llama.cpp, and check it.
 
     Before converting: the quantization types are validated, the disk space for every output is
@@ -116,22 +129,11 @@ class GGUFConvertOperator(BaseOperator):
     template_fields: Sequence[str] = ("merged", "adapter", "quant_types", "artifact_root", "force")
     ui_color = "#fff3e0"
 
-    def __init__(self, *, model: str, merged: Any, adapter: Any, quant_types: Any, artifact_root: str,
-                 settings: QuantizeSettings | Mapping[str, Any], workers: Any = None,
-                 fidelity: FidelitySettings | Mapping[str, Any] | None = None, llama_cpp_dir: str | None = None,
-                 llama_cpp_bin_dir: str | None = None, force: bool | str = False, **kwargs: Any) -> None:
+    def __init__(self, *, merged: Any, adapter: Any, quant_types: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.model = model
         self.merged = merged
         self.adapter = adapter
         self.quant_types = quant_types
-        self.workers = workers_section(workers, model=model)
-        self.artifact_root = artifact_root
-        self.settings = section(QuantizeSettings, settings, model=model, name="quantize")
-        self.fidelity = _fidelity_section(fidelity, model)
-        self.llama_cpp_dir = llama_cpp_dir
-        self.llama_cpp_bin_dir = llama_cpp_bin_dir
-        self.force = force
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Validate, preflight, convert once (store), check tokenizer and fidelity, compute the imatrix."""
@@ -260,7 +262,7 @@ def validated_types(requested: Any, imatrix: ImatrixSettings) -> list[str]:
     return types
 
 
-class GGUFQuantizeOperator(BaseOperator):
+class GGUFQuantizeOperator(_LlamaCppStage):
     """Quantize the converted f16 GGUF to ONE type (mapped: one task per type, retried alone).
 
     The output is read back: tensor types counted, real bits per weight computed, and the requested type
@@ -285,21 +287,10 @@ class GGUFQuantizeOperator(BaseOperator):
     template_fields: Sequence[str] = ("converted", "quant_type", "artifact_root", "force")
     ui_color = "#ffe0b2"
 
-    def __init__(self, *, model: str, converted: Any, quant_type: str, artifact_root: str,
-                 settings: QuantizeSettings | Mapping[str, Any], workers: Any = None,
-                 fidelity: FidelitySettings | Mapping[str, Any] | None = None, llama_cpp_dir: str | None = None,
-                 llama_cpp_bin_dir: str | None = None, force: bool | str = False, **kwargs: Any) -> None:
+    def __init__(self, *, converted: Any, quant_type: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.model = model
         self.converted = converted
         self.quant_type = quant_type
-        self.workers = workers_section(workers, model=model)
-        self.artifact_root = artifact_root
-        self.settings = section(QuantizeSettings, settings, model=model, name="quantize")
-        self.fidelity = _fidelity_section(fidelity, model)
-        self.llama_cpp_dir = llama_cpp_dir
-        self.llama_cpp_bin_dir = llama_cpp_bin_dir
-        self.force = force
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Quantize (or reuse), validate the types used, then the perplexity gate."""

@@ -43,7 +43,9 @@ class StoreRetentionOperator(BaseOperator):
     :param dry_run: report only, change nothing. (templated)
 
     Returns ``{"model", "dry_run", "released", "released_leases", "freed_bytes", "removed_bytes", "removed_count",
-    "kept_bytes", "kept_count", "removed": [{"path", "bytes", "reason"}, ...]}``.
+    "kept_bytes", "kept_count", "removed": [{"path", "bytes", "reason"}, ...], "lmstudio_pruned": [versions]}``.
+    Installed LM Studio versions beyond ``keep_versions`` (install prunes before the promote) are pruned first, so
+    LM Studio and the store keep the same versions.
     """
 
     template_fields: Sequence[str] = ("artifact_root", "plan", "installed", "published", "dry_run")
@@ -65,6 +67,7 @@ class StoreRetentionOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         """Read what the ledger keeps, release this run's marks when it delivered, collect the rest."""
         from include.config.sections import RetentionSettings
+        from include.lmstudio.deploy import prune
         from include.lmstudio.ledger import installed_versions, read_ledger
         from include.lmstudio.models_tree import versions_to_prune
         from include.store.leases import holder_of
@@ -72,12 +75,17 @@ class StoreRetentionOperator(BaseOperator):
 
         with engine_errors(self.model):
             settings = section(RetentionSettings, self.settings, model=self.model, name="retention")
+            dry_run = as_bool(self.dry_run) or not settings.enabled
+            ledger = read_ledger(self.artifact_root, self.model)
+            # Install pruned before this run's promote: LM Studio may hold one version more than it keeps now.
+            lmstudio_pruned = prune(model=self.model, artifact_root=self.artifact_root, keep_versions=int(
+                self.keep_versions), run_id=context["run_id"], dry_run=dry_run) if versions_to_prune(
+                ledger, int(self.keep_versions)) else []
             ledger = read_ledger(self.artifact_root, self.model)
             pruned = set(versions_to_prune(ledger, int(self.keep_versions)))
             keep = Keep({v: {f["sha256"] for f in ledger["versions"][v].get("files", [])}
                          for v in installed_versions(ledger) if v not in pruned})
             finished = delivered(self.plan, self.installed, self.published)
-            dry_run = as_bool(self.dry_run) or not settings.enabled
             holder = holder_of(context["dag"].dag_id, context["run_id"])
             self.log.info("kept versions: %s; this run %s", sorted(keep.versions) or "none",
                           "delivered its version: releasing what it used" if finished else
@@ -86,4 +94,7 @@ class StoreRetentionOperator(BaseOperator):
                                      Policy(keep_intermediates=settings.keep_intermediates,
                                             lease_s=settings.lease_hours * 3600),
                                      release=holder if finished else None, dry_run=dry_run)
-        return report.record()
+        for item in lmstudio_pruned:
+            self.log.info("LM Studio: %s %s (keep_versions=%s)", "would prune" if dry_run else "pruned",
+                          item["version"], self.keep_versions)
+        return {**report.record(), "lmstudio_pruned": [item["version"] for item in lmstudio_pruned]}

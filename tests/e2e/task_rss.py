@@ -60,6 +60,8 @@ class TaskRssSampler:
         rss: dict[int, int] = {}
         titles: dict[int, str] = {}
         children: dict[int, list[int]] = {}
+        spaces: dict[int, tuple[str, int]] = {}
+        parents: dict[int, int] = {}
         for root in self.roots:
             try:
                 procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
@@ -69,13 +71,21 @@ class TaskRssSampler:
                 try:
                     rss[proc.pid] = rss_anon(proc.pid) if self.anonymous else proc.memory_info().rss
                     titles[proc.pid] = " ".join(proc.cmdline())
+                    spaces[proc.pid] = (titles[proc.pid], proc.memory_info().vms)
+                    parents[proc.pid] = proc.ppid()
                     children.setdefault(proc.ppid(), []).append(proc.pid)
                 except psutil.Error:
                     continue
+        for pid, parent in parents.items():
+            # A child between vfork and exec runs in its parent's address space (same command line, same
+            # virtual size): its pages are the parent's, counted once.
+            if parent in spaces and spaces[pid] == spaces[parent]:
+                rss[pid] = 0
         tasks: dict[str, int] = {}
         for pid, title in titles.items():
             match = TASK_TITLE.search(title)
-            if match:
+            # The supervisor and the task process it forks share the title: count the tree once, from the top.
+            if match and TASK_TITLE.search(titles.get(parents.get(pid, 0), "")) is None:
                 tasks[match.group(1)] = tasks.get(match.group(1), 0) + _tree_rss(pid, rss, children)
         return Sample(time.monotonic() - self._started, tasks, sum(rss.values()), max(rss.values(), default=0))
 

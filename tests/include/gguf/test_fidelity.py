@@ -187,6 +187,18 @@ def test_perplexity_depends_on_the_chunk_length(fidelity_models, defaults: Fidel
     assert short != long and short > 1 and long > 1
 
 
+def test_a_long_perplexity_run_logs_its_progress(fidelity_models, defaults: FidelitySettings, monkeypatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from include.gguf import fidelity
+
+    monkeypatch.setattr(fidelity, "PROGRESS_S", 0.0)  # a line before every chunk
+    with caplog.at_level("INFO", logger="include.gguf.fidelity"):
+        quiet = perplexity(fidelity_models["f16"], evaluation_text(defaults).text, n_ctx=32)
+    lines = [r.getMessage() for r in caplog.records if " tokens in " in r.getMessage()]
+    assert len(lines) > 3 and lines[0].startswith("perplexity of ") and " 0 of " in lines[0]
+    assert quiet == perplexity(fidelity_models["f16"], evaluation_text(defaults).text, n_ctx=32)  # same figure
+
+
 def test_check_perplexity_raises_with_the_quant_figures_key_and_fix(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(GGUFError) as caught:
         check_perplexity("Q2_K", 13.5, 10.0, max_ratio=1.2)

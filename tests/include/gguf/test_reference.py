@@ -111,6 +111,19 @@ def test_streamed_reference_equals_the_full_model(name: str) -> None:
     assert float(np.abs(expected[0]).max()) > 0.5 and float(np.abs(expected[0][0] - expected[0][-1]).max()) > 0.1
 
 
+def test_the_layer_by_layer_pass_logs_its_progress(monkeypatch, caplog) -> None:
+    from include.gguf import reference
+
+    base = model("llama-f32")
+    monkeypatch.setattr(reference, "PROGRESS_S", 0.0)  # every layer: the tiny model runs in milliseconds
+    with caplog.at_level("INFO", logger="include.gguf.reference"):
+        streamed_logits(base, token_ids(base))
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    lines = [r.getMessage() for r in caplog.records if "layers in" in r.getMessage()]
+    assert [line.split(" in ")[0] for line in lines] == [
+        f"reference logits: {i} of {layers} layers" for i in range(1, layers)]
+
+
 @pytest.mark.parametrize("name", list(ADAPTERS))
 def test_streamed_reference_merges_a_fused_adapter_like_the_full_model(name: str) -> None:
     base, lora = adapter(name)

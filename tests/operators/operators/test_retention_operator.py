@@ -70,3 +70,41 @@ def test_a_bad_retention_section_fails_naming_the_field(tmp_path: Path) -> None:
                                 settings={"lease_hours": -1}, keep_versions=1)
     with pytest.raises(AirflowFailException, match=r"model 'm'.*lease_hours.*Fix: correct models\.m\.retention"):
         op.execute(_context("manual__1"))
+
+
+def _three_versions(tmp_path: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """v1, v2, v3 installed one after another as install + promote leave them: install pruned before each promote,
+    so with keep_versions 1 all three are still in LM Studio. Their quant entries in the store and LM Studio files."""
+    store = ArtifactStore(tmp_path / "artifacts", holder=leases.holder_of("deploy_m", "manual__3"))
+    entries, files = {}, {}
+    for day, version in enumerate(("v1", "v2", "v3"), start=1):
+        built = store.build("m", "gguf", {"base": version * 21 + "0", "quant": "Q8_0"},
+                            lambda tmp, v=version: write(tmp / f"m-{v}-Q8_0.gguf"))
+        entries[version] = built.path
+        files[version] = tmp_path / "lm" / f"m-{version}-Q8_0.gguf"
+        files[version].parent.mkdir(exist_ok=True)
+        write(files[version])
+        with L.update_ledger(tmp_path / "artifacts", "m") as ledger:
+            L.record_install(ledger, version, adapter_time=f"2026-01-0{day}T00:00:00Z", run_id=f"manual__{day}",
+                             files=[{"quant": "Q8_0", "path": str(files[version]), "bytes": 5,
+                                     "sha256": built.manifest["files"][0]["sha256"]}])
+            L.set_current(ledger, version, action="promote", reason="newer", run_id=f"manual__{day}")
+    return entries, files
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_lm_studio_keeps_the_same_versions_as_the_store(tmp_path: Path, dry_run: bool) -> None:
+    entries, files = _three_versions(tmp_path)
+    op = StoreRetentionOperator(task_id="retention", model="m", artifact_root=str(tmp_path / "artifacts"),
+                                settings={"lease_hours": 1}, keep_versions=1, plan={"targets": ["lmstudio"]},
+                                installed={"installed": []}, published=None, dry_run=dry_run)
+    record = op.execute(_context("manual__3"))
+    assert record["lmstudio_pruned"] == ["v1"]
+    ledger = L.read_ledger(tmp_path / "artifacts", "m")
+    assert (ledger["current"], ledger["previous"]) == ("v3", "v2")
+    assert files["v2"].exists() and files["v3"].exists() and entries["v2"].exists() and entries["v3"].exists()
+    if dry_run:  # nothing changes
+        assert files["v1"].exists() and entries["v1"].exists() and ledger["versions"]["v1"]["status"] != "pruned"
+    else:  # v1 leaves LM Studio and the store together: its disk space comes back
+        assert not files["v1"].exists() and not entries["v1"].exists()
+        assert ledger["versions"]["v1"]["status"] == "pruned" and ledger["events"][-1]["action"] == "prune"
