@@ -178,7 +178,8 @@ def build_deploy_dag(model: ModelConfig, settings: Settings) -> DAG:
             instance_id="{{ ti.xcom_pull(task_ids='plan')['instance_id'] or '' }}",
             vastai_conn_id=getattr(source, "vastai_conn_id", None), vastai_api_url=getattr(source, "api_url", None),
             transfer=getattr(source, "transfer", None), verify_host_key=getattr(source, "verify_host_key", None),
-            adapter_version="{{ ti.xcom_pull(task_ids='plan')['version'] }}", force=force,
+            adapter_version="{{ ti.xcom_pull(task_ids='plan')['version'] }}",
+            selected_by="{{ ti.xcom_pull(task_ids='plan')['selected_by'] }}", force=force,
             **stage_args(model, "download"),
         )
         plan >> download

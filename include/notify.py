@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from include.units import format_bytes
+
 
 def _size(num_bytes: int | float) -> str:
-    return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.1f} MB"
+    return format_bytes(num_bytes)
 
 
 def _quant_line(item: dict[str, Any]) -> str:
@@ -38,6 +40,20 @@ def is_noop(records: dict[str, Any]) -> bool:
     return bool(plan) and not records.get("download")
 
 
+def _lmstudio_line(version: str, install: dict[str, Any], promote: dict[str, Any]) -> str | None:
+    """What the ledger did with the version: promoted, nothing (already current), or installed but not current."""
+    if promote.get("promoted"):
+        was = f" (was `{promote['previous']}`)" if promote.get("previous") else ""
+        return f"LM Studio: `{version}` is now current{was}"
+    if promote and promote.get("previous") == version:
+        return f"LM Studio: `{version}` was already current" + (
+            " with the same files: nothing changed" if install.get("noop") else "")
+    if promote:
+        installed = "already installed with the same files" if install.get("noop") else "installed"
+        return f"LM Studio: {installed}, not made current ({promote.get('reason')})"
+    return None
+
+
 def success_text(model: str, run_url: str | None, records: dict[str, Any]) -> str:
     """The message for a successful deploy: version, quant files, health figures, promotion, links."""
     adapter = records.get("download") or {}
@@ -46,12 +62,9 @@ def success_text(model: str, run_url: str | None, records: dict[str, Any]) -> st
              + (f" ({adapter['time']})" if adapter.get("time") else "")]
     for item in (records.get("ggufs") or {}).get("files", []):
         lines.append(_quant_line(item))
-    promote = records.get("promote") or {}
-    if promote.get("promoted"):
-        was = f" (was `{promote['previous']}`)" if promote.get("previous") else ""
-        lines.append(f"LM Studio: `{version}` is now current{was}")
-    elif promote:
-        lines.append(f"LM Studio: installed, not made current ({promote.get('reason')})")
+    line = _lmstudio_line(version, records.get("install") or {}, records.get("promote") or {})
+    if line:
+        lines.append(line)
     for key, label in (("health", "live"), ("smoke", "smoke test")):
         line = _health_line(records.get(key) or {}, label)
         if line:

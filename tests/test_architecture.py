@@ -33,7 +33,7 @@ ALLOWED_TOP = {
 }
 # The engine's packages from the bottom up: each may import its own layer and the layers before it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "retry"),
+    ("errors", "retry", "units"),
     ("store", "resources"),
     ("config",),
     ("source", "merge"),

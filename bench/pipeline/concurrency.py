@@ -87,7 +87,8 @@ def one_run(sshd: Any, config: Path, work: Path, models: int, pooled: bool) -> d
                    "PYTHONPATH": str(ROOT)}
             subprocess.run([sys.executable, "-m", "include.trigger", "pools", "--config", str(config)], env=env,
                            check=True)
-        report = deploy_at_once(services, [f"deploy_bench{i}" for i in range(models)], timeout_s=3600)
+        report = deploy_at_once(services, [f"deploy_bench{i}" for i in range(models)], timeout_s=3600,
+                                anonymous=False)  # RSS, as docs/benchmarks.md reports it
     finally:
         services.stop()
     report.pop("heavy")

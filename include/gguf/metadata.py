@@ -15,6 +15,7 @@ from typing import Any
 
 from include.errors import GGUFError
 from include.gguf.quant_types import approx_bits_per_weight
+from include.merge.base_model import public_base_name
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +24,10 @@ def gguf_metadata(model: str, merged: dict[str, Any], adapter: dict[str, Any],
                   toolchain_version: str) -> dict[str, Any]:
     """The converter's ``--metadata`` overrides: name, fine-tune, version, base model, adapter version, toolchain."""
     version = str(merged.get("adapter_version") or adapter.get("version") or "")
-    base = merged.get("base_model") or adapter.get("base_model")
-    if not base:
-        try:
-            base = json.loads((Path(merged["path"]) / "config.json").read_text()).get("_name_or_path")
-        except (OSError, ValueError, KeyError):
-            base = None
+    spec = str(merged.get("base_model") or adapter.get("base_model") or "")
+    # The public name (a Hub id, else the directory's name): never this machine's path (see public_base_name).
+    base = public_base_name(spec, merged.get("base_dir") or merged.get("path"), adapter.get("path")) \
+        if spec or merged.get("path") else None
     meta: dict[str, Any] = {
         "general.name": model,
         # Set, not guessed: the converter would otherwise read a fine-tune name out of the model directory's

@@ -26,6 +26,9 @@ def mmap_llama_class() -> type:
     """
     from llama_cpp import Llama, llama_model_params
 
+    from include.gguf.llama_log import route_llama_logs
+
+    route_llama_logs()  # llama.cpp's warnings at WARNING, not as stderr (ERROR in an Airflow task)
     if "use_extra_bufts" not in {name for name, *_ in llama_model_params._fields_}:
         raise GGUFError("this llama-cpp-python has no llama_model_params.use_extra_bufts",
                         fix="install the pinned llama-cpp-python (0.3.36, see constraints.txt)")

@@ -154,6 +154,9 @@ def compare_tokenization(gguf_path: Path, model_dir: Path, texts: Sequence[str] 
     """
     from llama_cpp import Llama
 
+    from include.gguf.llama_log import route_llama_logs
+
+    route_llama_logs()
     theirs_all = list(reference) if reference is not None else hf_tokenization(model_dir, texts)
     vocab = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     try:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from include.errors import GGUFError
 from include.gguf.reader import GGUFSummary, inspect_split
+from include.gguf.tool_log import classify
 from include.resources.oom import raise_if_oom_killed, read_oom_counters
 from include.store import scratch
 
@@ -88,7 +89,11 @@ def run_tool(cmd: Sequence[str], *, what: str, env: dict[str, str] | None = None
 
 def run_streaming(cmd: Sequence[str], *, env: dict[str, str], what: str,
                    cwd: str | Path | None = None) -> tuple[int, list[str]]:
-    """Run ``cmd``, logging its output lines (rate-limited at INFO), and return (returncode, last lines).
+    """Run ``cmd``, logging its output lines, and return (returncode, last lines).
+
+    Each line is logged at its own level (:mod:`include.gguf.tool_log`): warnings and errors always, notices and
+    progress (tqdm bars rewritten as ``desc: done of total (pct%)``) at INFO at most every ``LOG_EVERY_S``, the rest
+    at DEBUG.
 
     OutOfMemoryError when the tool died of SIGKILL while the kernel's OOM-kill counter rose.
     """
@@ -107,12 +112,14 @@ def run_streaming(cmd: Sequence[str], *, env: dict[str, str], what: str,
                     continue
                 tail.append(line)
                 now = time.monotonic()
-                loud = any(word in line for word in ("ERROR", "Error", "WARNING", "Traceback"))
-                if loud or now - last_info >= LOG_EVERY_S:
-                    log.info("%s [%.0fs] %s", what, now - started, line)
+                seen = classify(line)
+                if seen.level >= logging.WARNING:  # never rate-limited
+                    log.log(seen.level, "%s [%.0fs] %s", what, now - started, seen.text)
+                elif seen.level == logging.INFO and now - last_info >= LOG_EVERY_S:
+                    log.info("%s [%.0fs] %s", what, now - started, seen.text)
                     last_info = now
                 else:
-                    log.debug("%s %s", what, line)
+                    log.debug("%s %s", what, seen.text)
         except BaseException:
             proc.kill()  # the caller is going away (timeout, interrupt): do not leave the tool running
             raise

@@ -12,25 +12,15 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from include.merge.base_model import is_hub_model_id
+from include.units import format_bytes
+
 TEMPLATE_DIR = Path(__file__).with_name("space_template")
 GRADIO_VERSION = "6.31.0"
 CARD_TAGS = ["gguf", "lora", "llama.cpp", "lora-deploy"]
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
-
-
-def is_hub_model_id(value: str) -> bool:
-    """True when ``value`` looks like a Hub model id (``name`` or ``namespace/name``), not a local path."""
-    return bool(_HUB_ID.fullmatch(value)) and ".." not in value and not Path(value).expanduser().exists()
-
-
 def human_size(num_bytes: int) -> str:
-    """``1536`` -> ``'1.5 KiB'``: binary units, one decimal."""
-    size = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+    """A file size as everywhere in the project (:func:`include.units.format_bytes`: decimal MB/GB)."""
+    return format_bytes(num_bytes)
 
 
 def _cell(value: Any) -> str:

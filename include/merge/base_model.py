@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 from include.errors import MergeError
 from include.store.hashing import digest_of
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+
+
+def is_hub_model_id(value: str) -> bool:
+    """True when ``value`` looks like a Hub model id (``name`` or ``namespace/name``), not a local path."""
+    return bool(_HUB_ID.fullmatch(value)) and ".." not in value and not Path(value).expanduser().exists()
+
+
+def public_base_name(spec: str, base_dir: str | Path | None = None, adapter_dir: str | Path | None = None) -> str:
+    """The base model's public name, never a local path: for GGUF metadata, LM Studio and the Hub.
+
+    The first Hub id among: ``spec`` (config's ``base_model``), the base directory's ``config.json``
+    ``_name_or_path``, the adapter's ``base_model_name_or_path``; else the base directory's name.
+    """
+    candidates = [spec]
+    for path, key in ((base_dir, "config.json"), (adapter_dir, "adapter_config.json")):
+        if path:
+            try:
+                recorded = json.loads((Path(path) / key).read_text())
+            except (OSError, ValueError):
+                continue
+            candidates.append(str(recorded.get("_name_or_path" if key == "config.json" else
+                                               "base_model_name_or_path") or ""))
+    for candidate in candidates:
+        if candidate and is_hub_model_id(candidate):
+            return candidate
+    return Path(str(base_dir or spec)).expanduser().name or str(spec)
 
 
 def resolve_base_model(spec: str) -> Path:

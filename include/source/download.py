@@ -64,15 +64,16 @@ def select_checkpoint(checkpoints: list[Checkpoint], wanted: str | None, *, wher
 
 def download_adapter(
     source: AdapterSource, store: ArtifactStore, model: str, *, version: str | None = None,
-    not_after: datetime | None = None, force: bool = False,
+    not_after: datetime | None = None, force: bool = False, selected_by: str | None = None,
 ) -> dict[str, Any]:
     """Fetch one checkpoint into the store and return its XCom record (version, time, files with sha256).
 
     ``version`` names a checkpoint; else ``not_after`` (a backfill's data interval end) picks the newest
-    checkpoint that existed then; else the newest.
+    checkpoint that existed then; else the newest. ``selected_by``: how the version was chosen, when the caller
+    chose it (the deploy DAG's plan task passes the version it selected and says how); else derived from the above.
     """
     checkpoint = select_checkpoint(source.list_checkpoints(), version, where=source.description, not_after=not_after)
-    selected_by = "conf" if version else "data_interval_end" if not_after is not None else "newest"
+    selected_by = selected_by or ("conf" if version else "data_interval_end" if not_after is not None else "newest")
     files = sorted(source.list_files(checkpoint.name), key=lambda f: f.name)
     names = {f.name for f in files}
     missing = [name for name in REQUIRED_FILES if name not in names]

@@ -99,6 +99,8 @@ class VastAIDownloadOperator(CheckpointSourceMixin, BaseOperator):
     :param transfer: ``auto`` (rsync when both ends have it, else SFTP), ``rsync`` or ``sftp``.
     :param verify_host_key: check the box's host key (pinned ``host_key`` or known_hosts); False skips it.
     :param adapter_version: a checkpoint name; empty to select by date or newest. (templated)
+    :param selected_by: how ``adapter_version`` was chosen when another task chose it (the plan's ``selected_by``:
+        ``newest``, ``data_interval_end``, ``asset event``, ``conf``); empty: ``conf`` for a given version. (templated)
     :param force: fetch again even if the same files are already stored. (templated)
 
     Returns ``{"version", "time", "selected_by", "path", "key", "sha256", "bytes",
@@ -107,7 +109,7 @@ class VastAIDownloadOperator(CheckpointSourceMixin, BaseOperator):
     """
 
     template_fields: Sequence[str] = ("artifact_root", "instance_id", "source_path", "remote_dir", "adapter_version",
-                                      "force")
+                                      "selected_by", "force")
     ui_color = "#e3f2fd"
 
     def __init__(
@@ -126,6 +128,7 @@ class VastAIDownloadOperator(CheckpointSourceMixin, BaseOperator):
         transfer: str | None = None,
         verify_host_key: bool | None = None,
         adapter_version: str | None = None,
+        selected_by: str | None = None,
         force: bool | str = False,
         **kwargs: Any,
     ) -> None:
@@ -143,6 +146,7 @@ class VastAIDownloadOperator(CheckpointSourceMixin, BaseOperator):
         self.transfer = transfer
         self.verify_host_key = verify_host_key
         self.adapter_version = adapter_version
+        self.selected_by = selected_by
         self.force = force
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -152,7 +156,8 @@ class VastAIDownloadOperator(CheckpointSourceMixin, BaseOperator):
         not_after = None if version else self.dated_selection(context)
         force = as_bool(self.force)
         with engine_errors(self.model), self.open_source() as source:
-            return download_adapter(source, store, self.model, version=version, not_after=not_after, force=force)
+            return download_adapter(source, store, self.model, version=version, not_after=not_after, force=force,
+                                    selected_by=str(self.selected_by or "").strip() or None)
 
     def source_settings(self) -> SourceSettings:
         """The ``source`` section of this operator's (rendered) arguments; what is left out takes its default."""

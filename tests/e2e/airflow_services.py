@@ -23,6 +23,7 @@ from tests.conftest import ROOT
 from tests.stand_ins.sshd import free_port
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+SKIP_SERVE_LOGS = {"scheduler": ("--skip-serve-logs",), "triggerer": ("--skip-serve-logs",)}
 
 
 def wait_for(check: Callable[[], Any], *, timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
@@ -58,8 +59,10 @@ class AirflowServices:
                        stdout=subprocess.DEVNULL)
         for name in components:
             log = (self.home / f"{name}.log").open("wb")
-            self.processes[name] = subprocess.Popen([sys.executable, "-m", "airflow", name], env=self.env,
-                                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            # No log server (it would listen on every interface): the api-server reads the task logs from disk.
+            argv = [sys.executable, "-m", "airflow", name, *SKIP_SERVE_LOGS.get(name, ())]
+            self.processes[name] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                    start_new_session=True)
         wait_for(self._healthy, timeout_s=timeout_s, what="the api-server's health endpoint")
         response = requests.post(f"{self.url}/auth/token", json={"username": "admin", "password": self.password},
                                  timeout=10)

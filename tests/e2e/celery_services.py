@@ -147,7 +147,8 @@ class CeleryAirflow(AirflowServices):
         for queue, hostname in WORKERS.items():
             env = {**self.env, "LORA_DEPLOY_WORKER_HOSTNAME": hostname}
             self._spawn(hostname, ["airflow", "celery", "worker", "--queues", queue, "--concurrency", "1",
-                                   "--celery-hostname", f"{hostname}@%h", "--without-mingle", "--without-gossip"],
+                                   "--celery-hostname", f"{hostname}@%h", "--without-mingle", "--without-gossip",
+                                   "--skip-serve-logs"],  # its log server would listen on every interface
                         env)
         from tests.e2e.airflow_services import wait_for
 

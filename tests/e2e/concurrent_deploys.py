@@ -16,8 +16,12 @@ HEAVY = ("merge", "convert", "quantize", "smoke")  # the tasks in the heavy pool
 MB = 1_000_000
 
 
-def deploy_at_once(airflow: AirflowServices, dag_ids: list[str], timeout_s: float = 1800) -> dict[str, Any]:
+def deploy_at_once(airflow: AirflowServices, dag_ids: list[str], timeout_s: float = 1800,
+                   anonymous: bool = True) -> dict[str, Any]:
     """Unpause, trigger every DAG in ``dag_ids`` at once, wait for all; the runs, their heavy tasks and memory.
+
+    ``anonymous``: memory is RssAnon (what runs a machine out of memory; the default) or, False, RSS (which also
+    counts the shared libraries and mmap-ed files each process maps, ~0.4 GB per process importing torch).
 
     Returns ``{"wall_s", "states", "heavy": [task instance records], "max_concurrent_heavy",
     "heavy_peak_mb", "task_peak_mb" (per stage), "airflow_peak_mb", "runs_overlap_s"}``.
@@ -27,7 +31,7 @@ def deploy_at_once(airflow: AirflowServices, dag_ids: list[str], timeout_s: floa
                  what=f"{dag_id} to be parsed")
         airflow.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
     runs: dict[str, str] = {}
-    with TaskRssSampler([p.pid for p in airflow.processes.values()]) as rss:
+    with TaskRssSampler([p.pid for p in airflow.processes.values()], anonymous=anonymous) as rss:
         started = time.monotonic()
         for dag_id in dag_ids:
             response = airflow.api("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": {}})

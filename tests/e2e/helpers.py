@@ -41,3 +41,26 @@ def run_deploy(dag_id: str, conf: dict[str, Any] | None = None) -> tuple[str, di
         records[task_id] = {"state": str(ti.state) if ti else None,
                             "xcom": ti.xcom_pull(task_ids=task_id) if ti else None}
     return str(dag_run.state), records
+
+
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+def listeners(pids: list[int]) -> list[tuple[str, int, str]]:
+    """``(address, port, command)`` of every listening TCP socket of the processes ``pids`` and their descendants."""
+    import psutil
+
+    found = []
+    for root in pids:
+        try:
+            procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+        except psutil.Error:
+            continue
+        for proc in procs:
+            try:
+                sockets = proc.net_connections(kind="tcp")
+                command = " ".join(proc.cmdline()[:4])
+            except psutil.Error:
+                continue
+            found += [(s.laddr.ip, s.laddr.port, command) for s in sockets if s.status == psutil.CONN_LISTEN]
+    return sorted(set(found))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.airflow_services import airflow_services, wait_for
-from tests.e2e.helpers import write_config
+from tests.e2e.helpers import LOOPBACK, listeners, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -38,3 +38,15 @@ def test_rest_triggered_run_succeeds_and_the_dag_processor_tells_slack(running_a
     assert "*live* deployed adapter `checkpoint-10`" in text
     assert "Q4_K_M" in text and "tokens/s" in text
     assert f"/dags/deploy_live/runs/{run_id}" in text
+    # A healthy run logs nothing at ERROR: llama.cpp's notices and the converter's lines carry their real level.
+    logs = sorted((running_airflow.home / "logs" / "dag_id=deploy_live" / f"run_id={run_id}").rglob("*.log"))
+    assert len(logs) >= 10, logs
+    errors = [f"{log.parent.parent.name}: {line[:300]}" for log in logs for line in log.read_text().splitlines()
+              if '"level":"error"' in line.replace(" ", "") or '"level":"critical"' in line.replace(" ", "")]
+    assert errors == []
+
+
+def test_every_listener_is_on_loopback(running_airflow):
+    found = listeners([p.pid for p in running_airflow.processes.values()])
+    assert any(port == running_airflow.port for _, port, _ in found), found  # the api-server is seen
+    assert [item for item in found if item[0] not in LOOPBACK] == []

@@ -4,8 +4,9 @@ A running Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecuto
 config whose ``settings.pools`` declares a *memory pool*: ``lora_deploy_heavy`` with BUDGET_MB slots, each
 heavy task (merge, convert, every quantize, the smoke check's llama.cpp server) of each model taking TASK_MB.
 ``lora-deploy-trigger pools`` creates the pool through the REST API. The three deploy DAGs are triggered
-together; while they run, the RSS of every task's process tree is sampled. All three must succeed, never
-more than BUDGET_MB // TASK_MB heavy tasks may run at once, and together they never hold more than the budget.
+together; while they run, the anonymous memory (RssAnon) of every task's process tree is sampled. All three must
+succeed, never more than BUDGET_MB // TASK_MB heavy tasks may run at once, and together they never hold more than
+the budget.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.e2e
 MODELS = ("conc_a", "conc_b", "conc_c")
 POOL = "lora_deploy_heavy"
 BUDGET_MB = 2000  # the heavy stages' memory budget: the pool's slots
-TASK_MB = 1000  # what one heavy task of a tiny model may hold (measured peak: convert ~0.8 GB, the converter
+TASK_MB = 1000  # what one heavy task of a tiny model may hold (anonymous memory; convert, the largest: the converter
 # subprocess with the HF tokenizer loaded alongside it in the task process)
 PASSWORD = "Conc-urr3nt"
 

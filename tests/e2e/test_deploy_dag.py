@@ -48,6 +48,8 @@ def test_deploy_end_to_end_then_rerun_reuses_everything(deployment, capfd):
     assert download["version"] == "checkpoint-20" and not download["reused"]
     assert not merge["reused"] and merge["adapter_version"] == "checkpoint-20"
     assert records["plan"]["xcom"]["version"] == "checkpoint-20"
+    # triggered without adapter_version: the plan chose the newest, and every record says so
+    assert records["plan"]["xcom"]["selected_by"] == download["selected_by"] == "newest"
     assert [f["quant"] for f in records["quantize"]["xcom"]] == ["Q8_0", "Q4_K_M"]  # one mapped task each
     files = ggufs["files"]
     assert [f["quant"] for f in files] == ["Q8_0", "Q4_K_M"]

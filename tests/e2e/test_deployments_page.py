@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from include.lmstudio import ledger as L
+from include.units import format_bytes
 from plugins.lora_deploy_deployments import LoraDeployDeploymentsPlugin
 from tests.conftest import ROOT, SESSION_DIR
 from tests.e2e.airflow_services import AirflowServices, airflow_services, wait_for
@@ -192,6 +193,10 @@ def test_headless_chromium_renders_the_table_and_charts(deployments_server: Airf
     rows = re.findall(r'<tr class="version-row[^"]*" data-version="([^"]+)"', html)
     assert rows == ["checkpoint-30", "checkpoint-20", "checkpoint-10"] == sorted(SEED, reverse=True)
     assert re.search(r'<tr class="version-row current" data-version="checkpoint-20"', html)
+    current = re.search(r'<tr class="version-row current" data-version="checkpoint-20">(.*?)</tr>', html).group(1)
+    assert current.count(">current</span>") == 1  # one badge per state
+    # sizes as Slack, the model card and the task logs write them (decimal MB)
+    assert f">{format_bytes(1_310_000 + 770_000)}</td>" in current and "MiB" not in html
     assert html.count('<svg class="chart"') >= 3
     latency = re.search(r'<polyline class="series" data-series="latency_s" points="([^"]+)"', html)
     assert latency and len(latency.group(1).split()) == 3, "the latency chart must plot the three versions"

@@ -37,6 +37,19 @@ def test_backfilled_version_says_it_was_not_made_current():
     assert "smoke test: 1.50 s latency" in text
 
 
+def test_a_forced_rerun_of_the_current_version_says_nothing_changed():
+    records = {**RECORDS, "install": {"noop": True, "version": "checkpoint-20"},
+               "promote": {"promoted": False, "version": "checkpoint-20", "previous": "checkpoint-20",
+                           "reason": "checkpoint-20 is already current"}}
+    text = success_text("demo", None, records)
+    assert "LM Studio: `checkpoint-20` was already current with the same files: nothing changed" in text
+    assert "not made current" not in text and "is now current" not in text
+    older = {**records, "promote": {"promoted": False, "version": "checkpoint-20", "previous": "checkpoint-30",
+                                    "reason": "checkpoint-30 is newer"}}
+    assert "LM Studio: already installed with the same files, not made current (checkpoint-30 is newer)" in \
+        success_text("demo", None, older)
+
+
 def test_failure_names_the_stage_its_log_and_the_rollback():
     records = {**RECORDS, "rollback": {"failed_version": "checkpoint-20", "restored_version": "checkpoint-10",
                                        "reason": "live endpoint: 0.5 tokens/s is below min_tokens_per_s 5"}}

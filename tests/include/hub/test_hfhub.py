@@ -20,6 +20,7 @@ from include.errors import ConfigError, PublishError
 from include.hub.model_card import TEMPLATE_DIR
 from include.hub.publish import HubTarget, publish_model, version_tag
 from include.store.hashing import sha256_file
+from include.units import format_bytes
 from tests.stand_ins.hf_hub import HubStandIn
 
 MODEL = "majora"
@@ -97,7 +98,7 @@ def test_publish_uploads_ggufs_through_lfs_in_one_commit_with_card_and_tag(hub, 
     assert {"gguf", "lora", "llama.cpp"} <= set(meta["tags"])
     for name, gguf in zip(names, ggufs, strict=True):
         row = next(line for line in readme.splitlines() if line.startswith(f"| [{name}]"))
-        assert gguf["sha256"] in row and gguf["quant"] in row and "KiB" in row
+        assert gguf["sha256"] in row and gguf["quant"] in row and f"| {format_bytes(gguf['bytes'])} |" in row
     assert CARD["adapter_source"] in readme and "checkpoint-1200" in readme
     assert "| 1.23 | 42.50 |" in readme
 
