@@ -26,8 +26,9 @@ def gguf_metadata(model: str, merged: dict[str, Any], adapter: dict[str, Any],
     version = str(merged.get("adapter_version") or adapter.get("version") or "")
     spec = str(merged.get("base_model") or adapter.get("base_model") or "")
     # The public name (a Hub id, else the directory's name): never this machine's path (see public_base_name).
-    base = public_base_name(spec, merged.get("base_dir") or merged.get("path"), adapter.get("path")) \
-        if spec or merged.get("path") else None
+    # The configured base's own files decide, not the merged copy's: streaming and fused merges name it the same.
+    base_dir = spec if spec and Path(spec).expanduser().is_dir() else merged.get("path")
+    base = public_base_name(spec, base_dir, adapter.get("path")) if spec or base_dir else None
     meta: dict[str, Any] = {
         "general.name": model,
         # Set, not guessed: the converter would otherwise read a fine-tune name out of the model directory's

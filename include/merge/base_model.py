@@ -21,7 +21,7 @@ def public_base_name(spec: str, base_dir: str | Path | None = None, adapter_dir:
     """The base model's public name, never a local path: for GGUF metadata, LM Studio and the Hub.
 
     The first Hub id among: ``spec`` (config's ``base_model``), the base directory's ``config.json``
-    ``_name_or_path``, the adapter's ``base_model_name_or_path``; else the base directory's name.
+    ``_name_or_path``, the adapter's ``base_model_name_or_path``; else the name of ``spec``'s directory.
     """
     candidates = [spec]
     for path, key in ((base_dir, "config.json"), (adapter_dir, "adapter_config.json")):
@@ -35,7 +35,7 @@ def public_base_name(spec: str, base_dir: str | Path | None = None, adapter_dir:
     for candidate in candidates:
         if candidate and is_hub_model_id(candidate):
             return candidate
-    return Path(str(base_dir or spec)).expanduser().name or str(spec)
+    return Path(str(spec or base_dir)).expanduser().name or str(spec)
 
 
 def resolve_base_model(spec: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -135,6 +136,32 @@ def test_metadata_names_model_version_base_and_toolchain(tmp_path: Path, gguf_ro
     assert md["general.name"] == "demo" and md["general.version"] == "ckpt-20"
     assert md["general.base_model.count"] == 1 and md["general.base_model.0.name"] == "org/tiny"
     assert PINNED_VERSION in md["general.quantized_by"]
+
+
+def test_metadata_names_the_base_model_publicly_never_by_a_local_path(tmp_path: Path) -> None:
+    base = tmp_path / "models" / "Qwen2.5-7B-Instruct"
+    base.mkdir(parents=True)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+
+    def named(config: dict, adapter_config: dict, merged_path: Path = base) -> str:
+        (base / "config.json").write_text(json.dumps(config))
+        (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
+        meta = gguf_metadata("m", {"path": str(merged_path), "base_model": str(base), "adapter_version": "v"},
+                             {"path": str(adapter)}, PINNED_VERSION)
+        assert str(tmp_path) not in json.dumps(meta)  # this machine's paths never leave it
+        return meta["general.base_models"][0]["name"]
+
+    assert named({"_name_or_path": "Qwen/Qwen2.5-7B-Instruct"}, {}) == "Qwen/Qwen2.5-7B-Instruct"
+    assert named({"_name_or_path": str(base)}, {"base_model_name_or_path": "Qwen/Qwen2.5-7B-Instruct"}) == \
+        "Qwen/Qwen2.5-7B-Instruct"
+    assert named({"_name_or_path": str(base)}, {"base_model_name_or_path": str(base)}) == "Qwen2.5-7B-Instruct"
+    # a streaming merge's output dir (a store key) names the base as the fused path does: the same GGUF metadata
+    merged = tmp_path / "artifacts" / "m" / "merged" / "0123abcd"
+    merged.mkdir(parents=True)
+    assert named({"_name_or_path": str(base)}, {}, merged_path=merged) == "Qwen2.5-7B-Instruct"
+    hub = gguf_metadata("m", {"path": str(base), "base_model": "org/tiny"}, {}, PINNED_VERSION)
+    assert hub["general.base_models"] == [{"name": "org/tiny"}] and "into org/tiny;" in hub["general.description"]
 
 
 def test_narrow_model_dims_are_accepted(tmp_path: Path) -> None:
