@@ -14,12 +14,8 @@ from typing import Any
 from include.units import format_bytes
 
 
-def _size(num_bytes: int | float) -> str:
-    return format_bytes(num_bytes)
-
-
 def _quant_line(item: dict[str, Any]) -> str:
-    parts = [f"• `{item['quant']}` {_size(item['bytes'])}"]
+    parts = [f"• `{item['quant']}` {format_bytes(item['bytes'])}"]
     if item.get("bits_per_weight"):
         parts.append(f"{item['bits_per_weight']:.2f} bpw")
     if item.get("ppl_ratio"):

@@ -18,11 +18,6 @@ from include.units import format_bytes
 TEMPLATE_DIR = Path(__file__).with_name("space_template")
 GRADIO_VERSION = "6.31.0"
 CARD_TAGS = ["gguf", "lora", "llama.cpp", "lora-deploy"]
-def human_size(num_bytes: int) -> str:
-    """A file size as everywhere in the project (:func:`include.units.format_bytes`: decimal MB/GB)."""
-    return format_bytes(num_bytes)
-
-
 def _cell(value: Any) -> str:
     """A value made safe for one Markdown table cell / inline code span."""
     text = re.sub(r"\s+", " ", str(value)).replace("|", "\\|").replace("`", "'")
@@ -99,7 +94,7 @@ def model_card_text(*, model: str, version: str, repo_id: str, files: list[dict]
 
 def _file_row(f: dict) -> str:
     ratio = f.get("ppl_ratio")
-    return (f"| [{_cell(f['name'])}](./{_cell(f['name'])}) | {_cell(f['quant'])} | {human_size(int(f['bytes']))} "
+    return (f"| [{_cell(f['name'])}](./{_cell(f['name'])}) | {_cell(f['quant'])} | {format_bytes(int(f['bytes']))} "
             f"| {_number(f.get('bits_per_weight'))} | {_number(f.get('perplexity'), 3)} "
             f"| {'n/a' if ratio is None else f'x{float(ratio):.3f}'} | `{_cell(f['sha256'])}` |")
 

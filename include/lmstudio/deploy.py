@@ -76,9 +76,11 @@ def prune(*, model: str, artifact_root: str, keep_versions: int, run_id: str | N
     ``keep_versions`` allows is still installed; the retention teardown calls this so that LM Studio and the
     artifact store keep the same versions. ``dry_run``: only the versions that would go, nothing deleted.
     """
-    if dry_run:
-        return [{"version": v, "paths": []} for v in versions_to_prune(L.read_ledger(artifact_root, model),
-                                                                        keep_versions)]
+    going = versions_to_prune(L.read_ledger(artifact_root, model), keep_versions)
+    if dry_run or not going:  # nothing to change: the ledger is not locked, nor written (nor created)
+        for version in going:
+            log.info("would prune %s (keep_versions=%d)", version, keep_versions)
+        return [{"version": version, "paths": []} for version in going]
     with L.update_ledger(artifact_root, model) as ledger:
         return _prune(ledger, keep_versions, run_id=run_id)
 

@@ -76,11 +76,9 @@ class StoreRetentionOperator(BaseOperator):
         with engine_errors(self.model):
             settings = section(RetentionSettings, self.settings, model=self.model, name="retention")
             dry_run = as_bool(self.dry_run) or not settings.enabled
-            ledger = read_ledger(self.artifact_root, self.model)
             # Install pruned before this run's promote: LM Studio may hold one version more than it keeps now.
-            lmstudio_pruned = prune(model=self.model, artifact_root=self.artifact_root, keep_versions=int(
-                self.keep_versions), run_id=context["run_id"], dry_run=dry_run) if versions_to_prune(
-                ledger, int(self.keep_versions)) else []
+            lmstudio_pruned = prune(model=self.model, artifact_root=self.artifact_root,
+                                    keep_versions=int(self.keep_versions), run_id=context["run_id"], dry_run=dry_run)
             ledger = read_ledger(self.artifact_root, self.model)
             pruned = set(versions_to_prune(ledger, int(self.keep_versions)))
             keep = Keep({v: {f["sha256"] for f in ledger["versions"][v].get("files", [])}
@@ -94,7 +92,4 @@ class StoreRetentionOperator(BaseOperator):
                                      Policy(keep_intermediates=settings.keep_intermediates,
                                             lease_s=settings.lease_hours * 3600),
                                      release=holder if finished else None, dry_run=dry_run)
-        for item in lmstudio_pruned:
-            self.log.info("LM Studio: %s %s (keep_versions=%s)", "would prune" if dry_run else "pruned",
-                          item["version"], self.keep_versions)
         return {**report.record(), "lmstudio_pruned": [item["version"] for item in lmstudio_pruned]}

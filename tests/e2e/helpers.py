@@ -50,17 +50,14 @@ def listeners(pids: list[int]) -> list[tuple[str, int, str]]:
     """``(address, port, command)`` of every listening TCP socket of the processes ``pids`` and their descendants."""
     import psutil
 
+    from tests.e2e.task_rss import process_tree
+
     found = []
-    for root in pids:
+    for proc in process_tree(pids):
         try:
-            procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+            sockets = proc.net_connections(kind="tcp")
+            command = " ".join(proc.cmdline()[:4])
         except psutil.Error:
             continue
-        for proc in procs:
-            try:
-                sockets = proc.net_connections(kind="tcp")
-                command = " ".join(proc.cmdline()[:4])
-            except psutil.Error:
-                continue
-            found += [(s.laddr.ip, s.laddr.port, command) for s in sockets if s.status == psutil.CONN_LISTEN]
+        found += [(s.laddr.ip, s.laddr.port, command) for s in sockets if s.status == psutil.CONN_LISTEN]
     return sorted(set(found))

@@ -62,20 +62,16 @@ class TaskRssSampler:
         children: dict[int, list[int]] = {}
         spaces: dict[int, tuple[str, int]] = {}
         parents: dict[int, int] = {}
-        for root in self.roots:
+        for proc in process_tree(self.roots):
             try:
-                procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+                memory = proc.memory_info()
+                rss[proc.pid] = rss_anon(proc.pid) if self.anonymous else memory.rss
+                titles[proc.pid] = " ".join(proc.cmdline())
+                spaces[proc.pid] = (titles[proc.pid], memory.vms)
+                parents[proc.pid] = proc.ppid()
+                children.setdefault(proc.ppid(), []).append(proc.pid)
             except psutil.Error:
                 continue
-            for proc in procs:
-                try:
-                    rss[proc.pid] = rss_anon(proc.pid) if self.anonymous else proc.memory_info().rss
-                    titles[proc.pid] = " ".join(proc.cmdline())
-                    spaces[proc.pid] = (titles[proc.pid], proc.memory_info().vms)
-                    parents[proc.pid] = proc.ppid()
-                    children.setdefault(proc.ppid(), []).append(proc.pid)
-                except psutil.Error:
-                    continue
         for pid, parent in parents.items():
             # A child between vfork and exec runs in its parent's address space (same command line, same
             # virtual size): its pages are the parent's, counted once.
@@ -108,6 +104,17 @@ class TaskRssSampler:
     def peak_process(self) -> int:
         """The largest RSS of one process (bytes)."""
         return max((s.largest for s in self.samples), default=0)
+
+
+def process_tree(roots: list[int]) -> list[psutil.Process]:
+    """The processes ``roots`` and all their descendants (roots that are gone are left out)."""
+    procs: list[psutil.Process] = []
+    for root in roots:
+        try:
+            procs += [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
+        except psutil.Error:
+            continue
+    return procs
 
 
 def rss_anon(pid: int) -> int:

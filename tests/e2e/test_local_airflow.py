@@ -18,6 +18,7 @@ import requests
 from tests.conftest import ROOT
 from tests.e2e.airflow_services import wait_for
 from tests.e2e.helpers import LOOPBACK, listeners
+from tests.e2e.task_rss import process_tree
 from tests.stand_ins.sshd import free_port
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +56,7 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 def stop(proc: subprocess.Popen[str]) -> list[str]:
     """Ctrl-C (SIGINT to the script's process group, as a terminal sends it); the command lines of the processes
     still there after 90 s. Whatever is left is then killed, so a failing test leaves nothing running."""
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    tree = process_tree([proc.pid])
     os.killpg(proc.pid, signal.SIGINT)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and _alive(tree):
