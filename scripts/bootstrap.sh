@@ -30,9 +30,16 @@ WHEEL="$(cd "$ROOT" && "$VENV/bin/python" -m include.cli.toolchain ensure --pyth
 STAMP="$VENV/.lora-deploy-stamp"
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16) $(basename "$WHEEL")"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-  echo "==> installing lora-deploy and its pinned dependencies into $VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade "pip>=25"
-  "$VENV/bin/python" -m pip install --quiet -c "$ROOT/constraints.txt" --find-links "$(dirname "$WHEEL")" \
-    -e "$ROOT[test]"
+  # pip's and setuptools' output goes to a log file, shown only when the install fails.
+  INSTALL_LOG="$VENV/install.log"
+  echo "==> installing lora-deploy and its pinned dependencies into $VENV (about 1-2 minutes with a warm pip" \
+       "cache; pip's output: $INSTALL_LOG)"
+  if ! { "$VENV/bin/python" -m pip install --upgrade "pip>=25" \
+         && "$VENV/bin/python" -m pip install -c "$ROOT/constraints.txt" --find-links "$(dirname "$WHEEL")" \
+              -e "$ROOT[test]"; } >"$INSTALL_LOG" 2>&1; then
+    tail -n 40 "$INSTALL_LOG" >&2
+    echo "pip install failed (the last lines are above; all of it is in $INSTALL_LOG)" >&2
+    exit 1
+  fi
   echo "$WANT" > "$STAMP"
 fi

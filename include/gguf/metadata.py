@@ -16,6 +16,7 @@ from typing import Any
 from include.errors import GGUFError
 from include.gguf.quant_types import approx_bits_per_weight
 from include.merge.base_model import public_base_name
+from include.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,9 @@ def disk_preflight(model_dir: Path, root: Path, quants: Sequence[str], *, outtyp
     log.info("disk preflight: %s", figures)
     if needed > free_bytes:
         raise GGUFError(
-            f"not enough disk space under {str(root)!r}: the GGUFs need about {needed / 1e9:.2f} GB "
-            f"({', '.join(f'{k} {v / 1e9:.2f} GB' for k, v in sizes.items())}, +{margin - 1:.0%}), "
-            f"only {free_bytes / 1e9:.2f} GB are free",
+            f"not enough disk space under {str(root)!r}: the GGUFs need about {format_bytes(needed)} "
+            f"({', '.join(f'{k} {format_bytes(v)}' for k, v in sizes.items())}, +{margin - 1:.0%}), "
+            f"only {format_bytes(free_bytes)} are free",
             fix="free space, move settings.artifact_root to a larger disk, or request fewer quant types",
         )
     return figures

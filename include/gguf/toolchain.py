@@ -192,7 +192,7 @@ def ensure_tools(jobs: int = 2) -> Path:
             raise ToolchainError(f"{program} is not installed; install it (apt-get install cmake g++) and re-run")
     build = pinned_dir() / "build"  # kept between attempts so an interrupted build resumes
     started = time.monotonic()
-    print(f"building {', '.join(TOOLS)} from {source} (once; -j{jobs})", flush=True)
+    print(f"building {', '.join(TOOLS)} from {source} (once; about 10 min on 2 cores, -j{jobs})", flush=True)
     subprocess.run(["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS], check=True,
                    stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs), "--target", *TOOLS],

@@ -31,6 +31,7 @@ from include.hub.model_card import model_card_text
 from include.hub.retry import TOKEN_FIX, HubCaller
 from include.hub.space import publish_space
 from include.store.hashing import digest_of
+from include.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,18 @@ def publish_model(*, model: str, version: str, target: HubTarget, ggufs: list[di
                           f"{[f['quant'] for f in files]}", model=model,
                           fix="set hf.space_quant to one of quantize.types, or remove it to serve the first")
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.utils import disable_progress_bars
 
+    # The client's tqdm bars go to stderr, which a task log records at ERROR; the lines below say what happens.
+    disable_progress_bars()
     ops: list[Any] = [CommitOperationAdd(f["name"], f["path"]) for f in files]
     _check_hashes(model, files, ops)
     api = HfApi(endpoint=target.endpoint, token=target.token, library_name="lora-deploy")
     call = HubCaller(model, secrets=(target.token, target.space_token), max_retries=target.max_retries,
                      max_wait_s=target.max_wait_s, endpoint=target.endpoint, **({"sleep": sleep} if sleep else {}))
     repo_id, tag = target.repo_id, version_tag(version)
-    log.info("model %r: publishing %d GGUF(s) of version %r to %s", model, len(files), version, repo_id)
+    log.info("model %r: publishing %d GGUF(s) of version %r to %s (%s)", model, len(files), version, repo_id,
+             format_bytes(sum(f["bytes"] for f in files)))
     repo_url = str(call("create the model repo", repo_id, api.create_repo, repo_id, private=target.private,
                         exist_ok=True))
     refs = call("list the refs of", repo_id, api.list_repo_refs, repo_id)

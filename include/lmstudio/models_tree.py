@@ -21,6 +21,7 @@ from typing import Any
 from include.errors import InstallError
 from include.store.fileops import link_or_copy
 from include.store.hashing import sha256_file
+from include.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def install_version(ggufs: list[dict[str, Any]], *, target: Path, model: str, ve
             linked = place(Path(gguf["path"]), dest, gguf["sha256"])
             done.append({"quant": gguf["quant"], "path": str(dest), "bytes": gguf["bytes"], "sha256": gguf["sha256"],
                          "linked": linked, "created": not existed})
-            log.info("installed %s (%s, %.1f MB)", dest, "hard link" if linked else "copy", gguf["bytes"] / 1e6)
+            log.info("installed %s (%s, %s)", dest, "hard link" if linked else "copy", format_bytes(gguf["bytes"]))
     except InstallError:
         for item in done:
             if item["created"]:
@@ -115,7 +116,7 @@ def check_space(target: Path, ggufs: list[dict[str, Any]]) -> None:
     needed = sum(g["bytes"] for g in ggufs if Path(g["path"]).stat().st_dev != device)
     free = shutil.disk_usage(target).free
     if needed and free < needed * SPACE_MARGIN:
-        raise InstallError(f"{str(target)!r} has {free / 1e6:.1f} MB free, the GGUFs need {needed / 1e6:.1f} MB",
+        raise InstallError(f"{str(target)!r} has {format_bytes(free)} free, the GGUFs need {format_bytes(needed)}",
                            fix="free disk space there, lower lmstudio.keep_versions or move lmstudio.models_dir")
 
 

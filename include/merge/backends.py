@@ -23,6 +23,7 @@ from include.errors import MergeError, UnsupportedAdapterError
 from include.merge.adapter import check_expected_base, inspect_adapter
 from include.merge.staging import check_out_dir, copy_side_files, new_stage, publish
 from include.merge.streaming import DTYPE_CHOICES, merge_lora
+from include.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def _merge_with_torch(backend: str, base_dir: Path, adapter_dir: Path, out_dir: 
         shutil.rmtree(stage, ignore_errors=True)
         raise
     seconds = time.monotonic() - started
-    log.info("%s merge into %s: %.1f MB in %.1f s", backend, out_dir, file_bytes / 1e6, seconds)
+    log.info("%s merge into %s: %s in %.1f s", backend, out_dir, format_bytes(file_bytes), seconds)
     return {"tensors": None, "merged_tensors": None, "features": [], "backend": backend, "bytes": file_bytes,
             "dtype": out_dtype, "files": sorted(weights + side_files), "seconds": round(seconds, 3)}
 

@@ -35,6 +35,7 @@ from include.merge.safetensors_io import (
 )
 from include.merge.staging import Ahead, check_out_dir, copy_side_files, new_stage, publish
 from include.merge.writer import ShardedWriter
+from include.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,9 @@ def merge_lora(
     specs = [TensorSpec(name, _output_code(dtype, info), info.shape) for name, info in base.items()]
     out_dtype = dtype if dtype != "auto" else _dominant_dtype(specs)
     log.info(
-        "merging %d tensors (%s; r=%d, scale=%g) from %s into %s (%d tensors, %.1f MB) -> %s as %s",
+        "merging %d tensors (%s; r=%d, scale=%g) from %s into %s (%d tensors, %s) -> %s as %s",
         len(edits), ", ".join(adapter.features), adapter.r, adapter.low_rank[0].scale, adapter_dir, base_dir,
-        len(specs), sum(i.nbytes for i in base.values()) / 1e6, out_dir, out_dtype,
+        len(specs), format_bytes(sum(i.nbytes for i in base.values())), out_dir, out_dtype,
     )
     stage = new_stage(out_dir)
     try:
@@ -148,9 +149,8 @@ def merge_lora(
                         writer.write_bytes(spec.name, ahead.chunks(done - 1))
                     if time.monotonic() - last >= PROGRESS_SECONDS:
                         last = time.monotonic()
-                        mb = writer.bytes_written / 1e6
-                        log.info("merge: %d/%d tensors, %.1f MB written, %.1f MB/s",
-                                 done, len(specs), mb, mb / (last - started))
+                        log.info("merge: %d/%d tensors, %s written, %.1f MB/s", done, len(specs),
+                                 format_bytes(writer.bytes_written), writer.bytes_written / 1e6 / (last - started))
                 weight_names = writer.close()
         finally:
             ahead.close()
@@ -163,8 +163,8 @@ def merge_lora(
             raise MergeError(f"merge failed: {e.detail}", fix=e.fix) from e
         raise
     seconds = time.monotonic() - started
-    log.info("merged %d/%d tensors into %s: %.1f MB in %.1f s (%.1f MB/s)", len(edits), len(specs), out_dir,
-             file_bytes / 1e6, seconds, file_bytes / 1e6 / max(seconds, 1e-9))
+    log.info("merged %d/%d tensors into %s: %s in %.1f s (%.1f MB/s)", len(edits), len(specs), out_dir,
+             format_bytes(file_bytes), seconds, file_bytes / 1e6 / max(seconds, 1e-9))
     return {
         "tensors": len(specs),
         "merged_tensors": len(edits),

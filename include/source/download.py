@@ -23,6 +23,7 @@ from include.source.types import AdapterSource, Checkpoint, SourceFile, Transfer
 from include.store.artifacts import ArtifactStore
 from include.store.fileops import link_or_copy
 from include.store.hashing import sha256_file
+from include.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ def download_adapter(
                 "adapter_model.safetensors), or pick another adapter_version",
         )
     announced = [{"name": f.name, "bytes": f.bytes, "sha256": f.sha256} for f in files]
-    log.info("checkpoint %s (%s, selected by %s): %d files, %.1f MB", checkpoint.name, _iso(checkpoint.mtime),
-             selected_by, len(files), sum(f.bytes for f in files) / 1e6)
+    log.info("checkpoint %s (%s, selected by %s): %d files, %s", checkpoint.name, _iso(checkpoint.mtime),
+             selected_by, len(files), format_bytes(sum(f.bytes for f in files)))
     inputs = {"files": announced}
     fields = {"version": checkpoint.name, "time": _iso(checkpoint.mtime), "files": announced,
               "selected_by": selected_by}

@@ -29,6 +29,7 @@ from include.errors import SourceError, TransientSourceError
 from include.source.endpoint import SSHEndpoint, rsync_shell, ssh_command
 from include.source.types import SourceFile, TransferResult
 from include.store.hashing import sha256_file
+from include.units import format_bytes
 
 if TYPE_CHECKING:
     import paramiko
@@ -141,8 +142,8 @@ def rsync_fetch(endpoint: SSHEndpoint, remote_dir: PurePosixPath, files: list[So
         command = ["rsync", "--verbose", "--partial", "--append-verify", "--stats", "--no-motd",
                    f"--files-from={listing.name}", "-e", rsync_shell(argv), f"{endpoint.host}:{remote_dir}/",
                    f"{staging}/"]
-        log.info("rsync from %s:%s (%d files, %.1f MB, %.1f MB already here)", endpoint.description, remote_dir,
-                 len(files), total / 1e6, resumed / 1e6)
+        log.info("rsync from %s:%s (%d files, %s, %s already here)", endpoint.description, remote_dir,
+                 len(files), format_bytes(total), format_bytes(resumed))
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             process = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
             try:
@@ -201,8 +202,8 @@ def sftp_fetch(sftp: paramiko.SFTPClient, remote_dir: PurePosixPath, files: list
     progress = Progress(total, f"sftp {len(files)} file(s)", already=resumed, interval_s=progress_interval_s)
     result = TransferResult("sftp", resumed_bytes=resumed)
     done = resumed
-    log.info("sftp from %s (%d files, %.1f MB, %.1f MB already here)", remote_dir, len(files), total / 1e6,
-             resumed / 1e6)
+    log.info("sftp from %s (%d files, %s, %s already here)", remote_dir, len(files), format_bytes(total),
+             format_bytes(resumed))
     for item, path in zip(files, paths, strict=True):
         offset = _size(path)
         if offset > item.bytes:

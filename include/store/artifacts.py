@@ -25,6 +25,7 @@ from typing import Any
 
 from include.store import leases, scratch
 from include.store.hashing import digest_of, sha256_file
+from include.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class ArtifactStore:
             _write_json_atomically(final / MANIFEST, manifest)
         finally:
             scratch.discard(work)
-        log.info("%s/%s: wrote %s (%d files, %.1f MB)", model, stage, final, len(files), manifest["bytes"] / 1e6)
+        log.info("%s/%s: wrote %s (%d files, %s)", model, stage, final, len(files), format_bytes(manifest["bytes"]))
         return StageResult(path=final, manifest=manifest, reused=False)
 
     def sweep(self, model: str, stage: str, *, dry_run: bool = False) -> list[scratch.Swept]:

@@ -35,6 +35,7 @@ from typing import Any
 from include.store import leases, scratch
 from include.store.artifacts import ArtifactStore
 from include.store.lineage import INTERMEDIATE_STAGES, Entry, lineage, scan
+from include.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,8 @@ class RetentionReport:
     def summary(self) -> str:
         """One line for the task log."""
         verb = "would free" if self.dry_run else "freed"
-        return (f"{self.model}: {verb} {self.freed_bytes / 1e6:.1f} MB in {len(self.removed)} path(s); kept "
-                f"{sum(i.bytes for i in self.kept) / 1e6:.1f} MB in {len(self.kept)} entr(ies)")
+        return (f"{self.model}: {verb} {format_bytes(self.freed_bytes)} in {len(self.removed)} path(s); kept "
+                f"{format_bytes(sum(i.bytes for i in self.kept))} in {len(self.kept)} entr(ies)")
 
 
 def apply_retention(root: str | Path, model: str, keep: Keep, policy: Policy, *, release: str | None = None,
@@ -133,7 +134,7 @@ def apply_retention(root: str | Path, model: str, keep: Keep, policy: Policy, *,
             for gone in store.sweep(model, stage_dir.name, dry_run=dry_run):
                 report.removed.append(Item(str(gone.path), stage_dir.name, gone.bytes, gone.bytes, gone.reason))
     for item in report.removed:
-        log.info("%s %s (%.1f MB): %s", "would remove" if dry_run else "removed", item.path, item.bytes / 1e6,
+        log.info("%s %s (%s): %s", "would remove" if dry_run else "removed", item.path, format_bytes(item.bytes),
                  item.reason)
     log.info("%s", report.summary())
     return report

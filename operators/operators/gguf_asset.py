@@ -7,6 +7,7 @@ from typing import Any
 
 from airflow.sdk import Asset, BaseOperator, Context
 
+from include.units import format_bytes
 from operators.common import gguf_files
 
 
@@ -47,12 +48,15 @@ class GGUFCollectOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Collect, log a table of the files, emit the asset event."""
-        files = gguf_files(list(self.quantized or []))
+        quantized = self.quantized or []
+        # One slice request for the mapped records: iterating a LazyXComSequence asks for one item past its end,
+        # and the task SDK logs that 404 at ERROR in a healthy run.
+        files = gguf_files(list(quantized[:] if isinstance(quantized, Sequence) else quantized))
         record = {"version": self.adapter["version"], "adapter_time": self.adapter.get("time"),
                   "llama_cpp": (self.converted or {}).get("llama_cpp"), "base": (self.converted or {}).get("base"),
                   "files": files}
         for item in files:
-            self.log.info("%-8s %9.2f MB  %5.2f bits/weight  %s", item["quant"], item["bytes"] / 1e6,
+            self.log.info("%-8s %9s  %5.2f bits/weight  %s", item["quant"], format_bytes(item["bytes"]),
                           item.get("bits_per_weight") or 0.0, item["path"])
         extra = {"version": record["version"], "adapter_time": record["adapter_time"],
                  "files": [{k: f.get(k) for k in ("quant", "path", "bytes", "sha256", "bits_per_weight")}

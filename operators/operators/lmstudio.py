@@ -8,6 +8,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 
 from include.config.sections import LMStudioSettings
+from include.units import format_bytes
 from operators.common import engine_errors, gguf_files, section
 
 
@@ -60,7 +61,7 @@ class LMStudioDeployOperator(BaseOperator):
                           record["version"])
         else:
             self.log.info("installed %s %s into %s: %s", self.model, record["version"], record["directory"],
-                          ", ".join(f"{i['quant']} ({i['bytes'] / 1e6:.1f} MB, "
+                          ", ".join(f"{i['quant']} ({format_bytes(i['bytes'])}, "
                                     f"{'hard link' if i['linked'] else 'copy'})" for i in record["installed"]))
         for item in record["pruned"]:
             self.log.info("pruned old version %s (%d file(s))", item["version"], len(item["paths"]))

@@ -104,8 +104,9 @@ class DeployPlanOperator(CheckpointSourceMixin, BaseOperator, SkipMixin):
             plan = self.build_plan(context)
         self.log.info("%s", plan.text())
         record = plan.as_record()
-        skip = self._tasks_to_skip(plan, context)
+        skip, why = self._tasks_to_skip(plan, context)
         if skip:
+            record["skipped"] = {"tasks": sorted(t.task_id for t in skip), "why": why}
             context["ti"].xcom_push(key="return_value", value=record)
             self.skip(ti=context["ti"], tasks=skip)
         return record
@@ -243,21 +244,23 @@ class DeployPlanOperator(CheckpointSourceMixin, BaseOperator, SkipMixin):
         deployed = {v for v, item in ledger["versions"].items() if item.get("status") in DEPLOYED_STATUSES}
         return ledger["current"], deployed
 
-    def _tasks_to_skip(self, plan: DeployPlan, context: Context) -> list[Any]:
+    def _tasks_to_skip(self, plan: DeployPlan, context: Context) -> tuple[list[Any], str]:
+        """The downstream tasks this run leaves out, and why (for the log and the record's ``skipped``)."""
         task = context["task"]
         everything = [t for t in task.get_flat_relatives(upstream=False) if not t.is_teardown]
         if plan.dry_run:
             self.log.info("dry run: the plan above is all this run does")
-            return everything
+            return everything, "dry run"
         run_type = str(getattr(getattr(context.get("dag_run"), "run_type", None), "value", ""))
         if plan.already_deployed and run_type in UNATTENDED_RUN_TYPES and not as_bool(self.force):
             self.log.info("adapter %s of %s is already deployed: nothing to do (trigger with force=true to deploy "
                           "it again)", plan.version, self.model)
-            return everything
+            return everything, f"adapter {plan.version} is already deployed"
         left_out = {tid for target, ids in self.target_tasks.items() if target not in plan.targets for tid in ids}
         if left_out:
             self.log.info("targets %s: skipping %s", plan.targets, sorted(left_out))
-        return [t for t in everything if t.task_id in left_out]
+        no_hf = " (the model has no `hf` section)" if self.hf is None else ""
+        return [t for t in everything if t.task_id in left_out], f"targets {', '.join(plan.targets)} only{no_hf}"
 
 
 def _iso(timestamp: float) -> str:

@@ -123,7 +123,7 @@ def test_disk_preflight_fails_early_with_the_numbers(gguf_root: Path, tmp_path: 
         disk_preflight(base, tmp_path, ["Q8_0", "Q4_K_M"], free_bytes=1_000_000)
     message = str(caught.value)
     assert "not enough disk space" in message and "F16" in message and "Q4_K_M" in message
-    assert "0.00 GB are free" in message
+    assert "only 1.0 MB are free" in message
 
 
 def test_metadata_names_model_version_base_and_toolchain(tmp_path: Path, gguf_root: Path) -> None:

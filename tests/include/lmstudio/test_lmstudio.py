@@ -153,7 +153,7 @@ def test_disk_full_leaves_nothing_half_installed(tmp_path: Path) -> None:
         current = small / "acme" / "m-GGUF" / "m-Q8_0.gguf"
         before = current.read_bytes()
         big = gguf_records(tmp_path / "s2", b"x" * 200_000, ("Q8_0",))
-        with pytest.raises(InstallError, match=r"MB free, the GGUFs need .*Fix: free disk space"):
+        with pytest.raises(InstallError, match=r"B free, the GGUFs need .*Fix: free disk space"):
             deploy(big, {"version": "v2", "time": T2}, model="m", settings=conf, artifact_root=root, run_id="r2")
         names = sorted(p.name for p in current.parent.iterdir())
         assert names == ["m-Q8_0.gguf", Path(ok["installed"][0]["path"]).name]
