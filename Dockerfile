@@ -32,7 +32,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /opt/lora-deploy
 # The toolchain first (stdlib only): the slow llama.cpp build stays cached while the project's code changes.
-COPY --chown=50000:0 include/__init__.py include/
+COPY --chown=50000:0 include/__init__.py include/errors.py include/
 COPY --chown=50000:0 include/store/__init__.py include/store/hashing.py include/store/
 COPY --chown=50000:0 include/gguf/__init__.py include/gguf/toolchain.py include/gguf/
 COPY --chown=50000:0 include/cli/__init__.py include/cli/toolchain.py include/cli/

@@ -72,6 +72,19 @@ def sshd() -> Iterator[object]:
         server.stop()
 
 
+@pytest.fixture(autouse=True)
+def stand_ins_served_every_request() -> Iterator[None]:
+    """Fail the test when an HTTP stand-in it used (``tests.stand_ins``) answered a request it does not serve:
+    an unknown path or method. Runs after the test's own fixtures are torn down; a test that means to hit an
+    unknown route acknowledges it with ``stand_in.expect_unknown(...)``."""
+    yield
+    from tests.stand_ins import unknown_route_report
+
+    if report := unknown_route_report():
+        pytest.fail("stand-ins received requests they do not serve (a test that means to make one says so with "
+                    "expect_unknown):\n" + "\n".join(report), pytrace=False)
+
+
 @pytest.fixture
 def slack() -> Iterator[object]:
     """A Slack webhook receiver on loopback."""
@@ -79,7 +92,6 @@ def slack() -> Iterator[object]:
 
     with SlackReceiver() as receiver:
         yield receiver
-        assert receiver.unknown_routes == []
 
 
 @pytest.fixture
@@ -94,7 +106,6 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[object]:
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with HubStandIn() as stand_in:
         yield stand_in
-        assert stand_in.unknown_routes == []
 
 
 @pytest.fixture

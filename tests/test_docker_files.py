@@ -8,10 +8,12 @@ then checked for what the distributed deployment needs. The Dockerfile is linted
 
 from __future__ import annotations
 
+import ast
 import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -139,7 +141,8 @@ def test_hadolint_fails_a_bad_dockerfile(tmp_path):
     assert "DL3007" in result.stdout  # using latest
 
 
-def test_dockerfile_builds_on_airflow_332_with_a_portable_llama_cpp():
+def test_dockerfile_pins_airflow_332_a_portable_llama_cpp_and_a_small_context():
+    """What the Dockerfile says (read as text; the image is not built here: there is no Docker daemon)."""
     text = (ROOT / "Dockerfile").read_text()
     assert "ARG AIRFLOW_IMAGE=apache/airflow:3.3.2-python3.11" in text
     assert "FROM ${AIRFLOW_IMAGE}" in text
@@ -148,3 +151,90 @@ def test_dockerfile_builds_on_airflow_332_with_a_portable_llama_cpp():
     assert "-c constraints.txt" in text and '".[distributed]"' in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "tests", ".env"} <= set(ignored)
+
+
+def dockerfile_copies() -> list[tuple[list[str], str]]:
+    """``(sources, destination)`` of each COPY from the build context, in order (no --from stages here)."""
+    copies = []
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"]:
+            args = [w for w in words[1:] if not w.startswith("--")]
+            assert not any(w.startswith("--from") for w in words), line
+            copies.append((args[:-1], args[-1]))
+    return copies
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore keeps ``path`` (relative, /-separated) or a parent of it out of the build context.
+
+    Docker's rules for this file's patterns: ``*`` within a path segment, ``**`` any number of segments
+    (also none), a pattern matching a directory excludes what is under it, the last matching line wins.
+    """
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    patterns = [line for line in lines if line and not line.startswith("#")]
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    excluded = False
+    for pattern in patterns:
+        negated, pattern = pattern.startswith("!"), pattern.lstrip("!").strip("/")
+        regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        regex = regex.replace(r"\?", "[^/]")
+        if any(re.fullmatch(regex, prefix) for prefix in prefixes):
+            excluded = not negated
+    return excluded
+
+
+def test_the_dockerignore_reading_matches_dockers_rules():
+    assert dockerignored(".venv/bin/python") and dockerignored("include/__pycache__/x.pyc")
+    assert dockerignored("__pycache__/x.pyc") and dockerignored("lora_deploy.egg-info/PKG-INFO")
+    assert dockerignored("tests/conftest.py") and dockerignored("config/.env")
+    assert not dockerignored("include/gguf/toolchain.py") and not dockerignored("testsuite/x.py")
+
+
+def test_every_dockerfile_copy_source_is_in_the_build_context():
+    """A COPY of a missing or .dockerignore'd path fails ``docker build``: every source exists and is sent."""
+    sources = [source for sources, _ in dockerfile_copies() for source in sources]
+    assert "pyproject.toml" in sources and "include/cli/toolchain.py" in sources
+    for source in sources:
+        path = ROOT / source
+        assert path.exists(), f"Dockerfile copies {source}, which does not exist"
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()
+                                                and "__pycache__" not in p.parts and p.suffix != ".pyc"]
+        assert files, f"Dockerfile copies {source}, which holds no file"
+        for file in files:
+            relative = file.relative_to(ROOT).as_posix()
+            assert not dockerignored(relative), f"Dockerfile copies {relative}, which .dockerignore leaves out"
+
+
+def test_the_toolchain_stage_has_every_module_it_imports_and_needs_only_the_stdlib(tmp_path):
+    """The first stage runs ``python -m include.cli.toolchain ensure`` with only the files copied before it and
+    nothing pip-installed: import its CLI from exactly those files, without site-packages (``-S``)."""
+    stage: list[str] = []
+    for sources, _ in dockerfile_copies():
+        if "pyproject.toml" in sources:  # the stage after the toolchain begins here
+            break
+        stage += sources
+    assert "include/cli/toolchain.py" in stage
+    for source in stage:
+        (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / source, tmp_path / source)
+    # every module the copied files import, also inside functions: in the stage, or in the standard library
+    missing = []
+    for source in stage:
+        for node in ast.walk(ast.parse((ROOT / source).read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                     else [])
+            for name in names:
+                if name.split(".")[0] == "include":
+                    module = tmp_path / name.replace(".", "/")
+                    if not (module.with_name(f"{module.name}.py").is_file() or (module / "__init__.py").is_file()):
+                        missing.append(f"{source} imports {name}")
+                elif name.split(".")[0] not in sys.stdlib_module_names:
+                    missing.append(f"{source} imports {name}, which is not in the standard library")
+    assert missing == [], missing
+    child = subprocess.run([sys.executable, "-I", "-S", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                            "sys.argv[1:] = ['--help']; import runpy; runpy.run_module('include.cli.toolchain', "
+                            "run_name='__main__')", str(tmp_path)], capture_output=True, text=True, check=False)
+    assert child.returncode == 0 and "ensure" in child.stdout, child.stderr[-2000:]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from include.config.expand import expand_path
 from include.config.pools import PoolSettings
@@ -66,14 +66,16 @@ class ModelConfig(StrictModel):
     def _base(cls, value: str) -> str:
         return expand_path(value) if value.startswith(("~", "/", "./", "../")) else value
 
-    @model_validator(mode="after")
-    def _schedule(self) -> ModelConfig:
-        if self.schedule is not None and not self.schedule.startswith("@"):
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        # A field validator, so the error names `models.<name>.schedule` (a model validator's has no field).
+        if value is not None and not value.startswith("@"):
             from croniter import croniter
 
-            if not croniter.is_valid(self.schedule):
-                raise ValueError(f"schedule {self.schedule!r} is not a valid cron expression")
-        return self
+            if not croniter.is_valid(value):
+                raise ValueError(f"schedule {value!r} is not a valid cron expression")
+        return value
 
     @property
     def dag_id(self) -> str:

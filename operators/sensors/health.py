@@ -80,6 +80,13 @@ class HealthCheckSensor(BaseSensorOperator):
 
             from operators.triggers.health import LiveEndpointTrigger
 
+            # One check here first: a healthy endpoint (the usual case) needs no triggerer. It also keeps the
+            # trigger from firing within seconds of the deferral, where Airflow 3.3.2 can lose a resumed task's
+            # result (apache/airflow#72716).
+            first = self.poke(context)
+            if isinstance(first, PokeReturnValue) and first.is_done:
+                return first.xcom_value
+
             h, endpoint = self.health, str(self.lmstudio.endpoint)
             self.log.info("deferring the live check of %r at %s to the triggerer (up to %.0f s)",
                           self._target()["identifier"], endpoint, self.timeout)

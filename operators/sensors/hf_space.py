@@ -71,6 +71,12 @@ class HFSpaceRuntimeSensor(BaseSensorOperator):
         if self.deferrable:
             from operators.triggers.hf_space import HFSpaceRuntimeTrigger
 
+            # One read here first: a Space already RUNNING (or broken) needs no triggerer, and the trigger does
+            # not fire within seconds of the deferral, where Airflow 3.3.2 can lose a resumed task's result.
+            first = self.poke(context)
+            if isinstance(first, PokeReturnValue) and first.is_done:
+                return first.xcom_value
+
             self.log.info("deferring the wait for Space %s to the triggerer (up to %.0f s)", space_id, self.timeout)
             self.defer(trigger=HFSpaceRuntimeTrigger(
                 space_id=space_id, conn_id=self.hook.hf_conn_id, endpoint=self._endpoint(),

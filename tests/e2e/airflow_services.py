@@ -74,8 +74,8 @@ class AirflowServices:
             if process.poll() is not None:
                 raise RuntimeError(f"airflow {name} exited: {self.log_tail(name)}")
         try:
-            return requests.get(f"{self.url}/api/v2/monitor/health", timeout=2).ok
-        except requests.ConnectionError:
+            return requests.get(f"{self.url}/api/v2/monitor/health", timeout=10).ok
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or slow to answer on a loaded machine
             return False
 
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
@@ -98,6 +98,48 @@ class AirflowServices:
             return state if state in ("success", "failed") else None
 
         return wait_for(finished, timeout_s=timeout_s, what=f"{dag_id} run {run_id} to finish", interval_s=1)
+
+    def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+        """One task instance's REST record (``state``, ``try_number``, ``trigger`` while deferred, ...)."""
+        response = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
+        response.raise_for_status()
+        return response.json()
+
+    def wait_for_task_state(self, dag_id: str, run_id: str, task_id: str, states: set[str],
+                            timeout_s: float = 300, interval_s: float = 0.5) -> dict[str, Any]:
+        """Poll the task instance until its state is one of ``states``; return its record.
+
+        Fails at once, with the record, when the task instance ends in a final state that is not wanted.
+        """
+        final = {"success", "failed", "skipped", "upstream_failed", "removed"}
+
+        def reached() -> dict[str, Any] | None:
+            record = self.task_instance(dag_id, run_id, task_id)
+            if record.get("state") in states:
+                return record
+            if record.get("state") in final:
+                raise AssertionError(f"{dag_id}/{run_id}/{task_id} ended {record['state']}, not {sorted(states)}: "
+                                     f"{record}")
+            return None
+
+        return wait_for(reached, timeout_s=timeout_s, what=f"{dag_id}/{task_id} to be {sorted(states)}",
+                        interval_s=interval_s)
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> str:
+        """A try's log as the UI shows it (REST, full content): one JSON record a line, the part the triggerer
+        wrote for a deferred try included."""
+        response = requests.get(f"{self.url}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/"
+                                f"{try_number}", params={"full_content": "true"}, timeout=30,
+                                headers={"Authorization": f"Bearer {self.token}", "Accept": "application/json"})
+        response.raise_for_status()
+        return "\n".join(json.dumps(item) for item in response.json()["content"])
+
+    def trigger_logs(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> str:
+        """What the triggerer wrote for a try's triggers: the files ``attempt=<n>.log.trigger.<triggerer job id>.log``
+        next to the try's log (one JSON record a line), each headed ``== <file name>``."""
+        folder = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}"
+        return "\n".join(f"== {path.name}\n{path.read_text(errors='replace')}"
+                         for path in sorted(folder.glob(f"attempt={try_number}.log.trigger.*.log")))
 
     def log_tail(self, name: str, chars: int = 3000) -> str:
         """The end of one component's log."""

@@ -26,6 +26,8 @@ from tests.conftest import ROOT, SESSION_DIR
 from tests.e2e.airflow_services import AirflowServices, airflow_services, wait_for
 from tests.plugins.test_deployments_api import MODEL, SEED, seed_ledger, write_config
 
+pytestmark = pytest.mark.e2e  # a real api-server, dag-processor and chromium
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
                   "--window-size=1400,900", "--virtual-time-budget=20000"]

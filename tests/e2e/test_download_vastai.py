@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import ROOT, SESSION_DIR
 from tests.e2e.helpers import write_config
+from tests.secrets_scan import assert_no_secrets, ssh_key_secrets
 from tests.stand_ins.vastai import VastAIStandIn
 
 pytestmark = pytest.mark.e2e
@@ -39,7 +40,6 @@ def vast_deployment(tmp_path, monkeypatch, demo_inputs, sshd, airflow_db):
         ssh["extra"]["private_key"] = sshd.client_key.read_text()
         monkeypatch.setenv("AIRFLOW_CONN_VAST_SSH", json.dumps(ssh))
         yield vast
-        assert vast.unknown_routes == []
 
 
 def run_download(dag_id: str, task_id: str = "download"):
@@ -68,14 +68,13 @@ def test_vastai_download_logs_progress_and_never_a_secret(vast_deployment, sshd,
     assert str(ti.state) == "success", text[-3000:]
     assert record["version"] == "checkpoint-20" and record["transfer"]["method"] in ("rsync", "sftp")
     assert "% of" in text and "MB/s" in text, "no progress line in the task log"
-    private_key_lines = [line for line in sshd.client_key.read_text().splitlines() if "PRIVATE KEY" not in line]
-    for secret in (vast.api_key, *private_key_lines):
-        assert secret not in json.dumps(record)
-        assert secret not in text
-    assert all(r["authorization"] == f"Bearer {vast.api_key}" for r in vast.requests)
+    assert_no_secrets({"Vast.ai API key": vast.api_key, **ssh_key_secrets(sshd.client_key.read_text())},
+                      dag_ids="deploy_vastdl", run_ids=[ti.run_id],
+                      captured={"stdout": out.out, "stderr": out.err, "caplog": caplog.text})
+    assert vast.requests and all(r["authorization"] == f"Bearer {vast.api_key}" for r in vast.requests)
 
 
-def test_stopped_instance_fails_once_with_its_status(vast_deployment, capfd):
+def test_stopped_instance_fails_once_with_its_status(vast_deployment, sshd, capfd):
     vast = vast_deployment
     vast.add_instance(INSTANCE, status="stopped")
     ti, _ = run_download("deploy_vastdl", "plan")  # the plan is the first to ask Vast.ai for the box
@@ -83,4 +82,10 @@ def test_stopped_instance_fails_once_with_its_status(vast_deployment, capfd):
     assert str(ti.state) == "failed"
     assert ti.try_number == 1, "a stopped instance must not burn the task's retries"
     assert len(vast.requests) == 1
-    assert "is not running (actual_status 'stopped')" in out.out + out.err + task_logs()
+    failures = [line for line in (out.out + out.err + task_logs()).splitlines()
+                if line.startswith("airflow.sdk.exceptions.AirflowFailException: model 'vastdl': ")]
+    assert any(f"instance {INSTANCE} is not running (actual_status 'stopped')" in line for line in failures), failures
+    # the error path quotes the API's answer: neither secret may ride along
+    assert_no_secrets({"Vast.ai API key": vast.api_key, **ssh_key_secrets(sshd.client_key.read_text())},
+                      dag_ids="deploy_vastdl", run_ids=[ti.run_id], captured={"stdout": out.out, "stderr": out.err},
+                      min_xcoms=0)

@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+from tests.stand_ins import StandIn
 from tests.stand_ins.hf_hub_http import HubHandler, Raw
 from tests.stand_ins.hf_hub_state import LFS_SIZE_THRESHOLD, Blob, HubError, HubState, Repo, now
 
@@ -34,11 +35,12 @@ _API = r"/api/(?P<type>models|datasets|spaces)/" + _ID
 _GIT = r"/(?:(?P<prefix>datasets|spaces)/)?" + _ID
 
 
-class HubStandIn(HubState):
+class HubStandIn(HubState, StandIn):
     """Threaded HTTP server on 127.0.0.1 with an in-memory Hub. Use as a context manager.
 
     ``requests`` lists (method, path) of every request, ``responses`` (method, path, status) and
-    ``unknown_routes`` the requests no route matched. ``token`` is a write token of user ``user`` (namespaces
+    ``unknown_routes`` the requests no route matched (any path or method), as ``"METHOD /path?query"``; they are
+    answered 404 like the Hub. ``token`` is a write token of user ``user`` (namespaces
     ``user`` and ``orgs``), ``read_token`` a read-only one; any other bearer token is answered 401.
     ``space_build_stages`` is the sequence a Space runtime walks through (one step per runtime poll) after a
     commit, a variable/secret change or a restart; ``space_error_message`` the ``errorMessage`` of an error stage.
@@ -47,9 +49,9 @@ class HubStandIn(HubState):
 
     def __init__(self, user: str = "lora-tester", orgs: tuple[str, ...] = ("lora-org",)) -> None:
         super().__init__(user, orgs)
+        StandIn.__init__(self)
         self.requests: list[tuple[str, str]] = []
         self.responses: list[tuple[str, str, int]] = []
-        self.unknown_routes: list[tuple[str, str]] = []
         self.faults: list[dict[str, Any]] = []
         self._sig = secrets.token_hex(8)
         self._server: ThreadingHTTPServer | None = None
@@ -92,6 +94,7 @@ class HubStandIn(HubState):
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="hf-hub-stand-in",
                                         daemon=True)
         self._thread.start()
+        self._started()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -99,6 +102,7 @@ class HubStandIn(HubState):
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+        self._stopped()
 
     @property
     def url(self) -> str:

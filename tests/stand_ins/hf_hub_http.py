@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
 
+from tests.stand_ins import AnyMethod
 from tests.stand_ins.hf_hub_state import HubError
 
 
@@ -21,8 +22,8 @@ class Raw:
     headers: dict[str, str]
 
 
-class HubHandler(BaseHTTPRequestHandler):
-    """Dispatches to the HubStandIn routes; records every request."""
+class HubHandler(AnyMethod, BaseHTTPRequestHandler):
+    """Dispatches every request, whatever its method, to the HubStandIn routes; records every request."""
 
     protocol_version = "HTTP/1.1"
     hub: Any  # the HubStandIn this handler serves (set on a subclass per server)
@@ -56,7 +57,7 @@ class HubHandler(BaseHTTPRequestHandler):
             route = next(((h, r.match(path)) for meth, r, h in hub.routes if meth == self.command and r.match(path)),
                          None)
             if route is None:
-                hub.unknown_routes.append((self.command, path))
+                hub.record_unknown(self.command, self.path)
                 status, payload, headers = 404, {"error": f"Sorry, we can't find the page {path}"}, {}
             elif (fault := hub._fault_for(self.command, path)) is not None:
                 status, payload = fault["status"], {"error": fault["message"]}
@@ -82,4 +83,4 @@ class HubHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _dispatch
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = unknown_method = _dispatch

@@ -9,6 +9,8 @@ Behaves like LM Studio's server where lora-deploy depends on it:
 - The loaded identifiers live in a JSON state file shared with the ``lms`` stand-in (tests/stand_ins/lms), so
   ``lms load/unload`` change what this server serves. ``fail`` in the state makes an identifier answer HTTP 500
   (``"error"``) or slowly (``"slow:<seconds>"``), for failing health checks.
+- Any other path or method is answered like LM Studio does, HTTP 200 with
+  ``{"error": "Unexpected endpoint or method. (GET /path)"}``, and recorded in ``unknown_routes``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from tests.stand_ins import AnyMethod, StandIn
 
 N_CTX = 512
 
@@ -39,10 +43,12 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-class LMStudioStandIn:
-    """Context manager: ``url`` is the server's base URL; ``loads`` lists ``(identifier, path)`` JIT loads."""
+class LMStudioStandIn(StandIn):
+    """Context manager: ``url`` is the server's base URL; ``loads`` lists ``(identifier, path)`` JIT loads,
+    ``requests`` the POSTed paths and bodies, ``unknown_routes`` the requests it does not serve."""
 
     def __init__(self, models_dir: Path, state_file: Path) -> None:
+        super().__init__()
         self.models_dir = Path(models_dir)
         self.state_file = Path(state_file)
         self.loads: list[tuple[str, str]] = []
@@ -51,10 +57,10 @@ class LMStudioStandIn:
         self._lock = threading.Lock()
         stand_in = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(AnyMethod, BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path.rstrip("/") != "/v1/models":
-                    self._send(404, {"error": f"Unexpected endpoint or method. (GET {self.path})"})
+                    self.unknown_method()
                     return
                 data = [{"id": i, "object": "model", "owned_by": "organization_owner"} for i in stand_in.model_ids()]
                 self._send(200, {"object": "list", "data": data})
@@ -63,10 +69,17 @@ class LMStudioStandIn:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 stand_in.requests.append({"path": self.path, "body": body})
                 if self.path.rstrip("/") != "/v1/chat/completions":
-                    self._send(404, {"error": f"Unexpected endpoint or method. (POST {self.path})"})
+                    self.unknown_method(read_body=False)
                     return
                 status, payload = stand_in.chat(body)
                 self._send(status, payload)
+
+            def unknown_method(self, read_body: bool = True) -> None:
+                if read_body:
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                stand_in.record_unknown(self.command, self.path)
+                # LM Studio answers 200 ("Returning 200 anyway" in its log), not 404.
+                self._send(200, {"error": f"Unexpected endpoint or method. ({self.command} {self.path})"})
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
@@ -74,7 +87,8 @@ class LMStudioStandIn:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if self.command != "HEAD":
+                    self.wfile.write(data)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -141,9 +155,11 @@ class LMStudioStandIn:
         if not self.state_file.exists():
             write_state(self.state_file, {"loaded": {}, "fail": {}})
         self._thread.start()
+        self._started()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
         self._llamas.clear()
+        self._stopped()

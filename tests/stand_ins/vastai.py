@@ -2,9 +2,9 @@
 
 ``instances`` maps an id to the record the API would return (``actual_status``, ``ssh_host``, ``ssh_port``,
 ``public_ipaddr``, ``ports``). ``failures`` is a queue of HTTP statuses answered before the real answer
-(to script 429/5xx). Every request is recorded with its path and Authorization header; requests with
-another bearer key get 401, unknown ids ``{"instances": null}`` like the real API, other routes 404
-and land in ``unknown_routes``.
+(to script 429/5xx). Every request is recorded with its method, path and Authorization header; requests with
+another bearer key get 401, unknown ids ``{"instances": null}`` like the real API, other paths 404 and other
+methods 405, both recorded in ``unknown_routes``.
 """
 
 from __future__ import annotations
@@ -17,28 +17,33 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
+from tests.stand_ins import AnyMethod, StandIn
+
 _PREFIX = "/api/v0/instances/"
 
 
-class VastAIStandIn:
+class VastAIStandIn(StandIn):
     """Context manager: ``url`` is the API base URL, ``api_key`` the only key it accepts."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.api_key = "vast-" + secrets.token_hex(16)
         self.instances: dict[str, dict[str, Any]] = {}
         self.failures: list[int] = []
-        self.requests: list[dict[str, str]] = []
-        self.unknown_routes: list[str] = []
+        self.requests: list[dict[str, str]] = []  # method, path, query, authorization
         self._lock = threading.Lock()
         stand_in = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(AnyMethod, BaseHTTPRequestHandler):
             def setup(self) -> None:
                 super().setup()
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle stalls
 
             def do_GET(self) -> None:
                 stand_in._get(self)
+
+            def unknown_method(self) -> None:
+                stand_in._unknown_method(self)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -64,11 +69,11 @@ class VastAIStandIn:
         parts = urlsplit(handler.path)
         auth = handler.headers.get("Authorization", "")
         with self._lock:
-            self.requests.append({"path": parts.path, "query": parts.query, "authorization": auth})
+            self.requests.append({"method": "GET", "path": parts.path, "query": parts.query, "authorization": auth})
             failure = self.failures.pop(0) if self.failures else None
         ident = parts.path[len(_PREFIX):].strip("/") if parts.path.startswith(_PREFIX) else ""
         if not ident.isdigit() or parse_qs(parts.query).get("owner") != ["me"]:
-            self.unknown_routes.append(f"GET {handler.path}")
+            self.record_unknown("GET", handler.path)
             self._answer(handler, 404, {"error": "not_found"})
         elif auth != f"Bearer {self.api_key}":
             self._answer(handler, 401, {"success": False, "error": "invalid_user_key", "msg": "Invalid user key"})
@@ -77,6 +82,15 @@ class VastAIStandIn:
             self._answer(handler, failure, {"error": "scripted failure"}, extra)
         else:
             self._answer(handler, 200, {"instances": self.instances.get(ident)})
+
+    def _unknown_method(self, handler: BaseHTTPRequestHandler) -> None:
+        handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        parts = urlsplit(handler.path)
+        with self._lock:
+            self.requests.append({"method": handler.command, "path": parts.path, "query": parts.query,
+                                  "authorization": handler.headers.get("Authorization", "")})
+        self.record_unknown(handler.command, handler.path)
+        self._answer(handler, 405, {"error": "method_not_allowed"}, {"Allow": "GET"})
 
     @staticmethod
     def _answer(handler: BaseHTTPRequestHandler, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
@@ -87,12 +101,15 @@ class VastAIStandIn:
         for name, value in (headers or {}).items():
             handler.send_header(name, value)
         handler.end_headers()
-        handler.wfile.write(data)
+        if handler.command != "HEAD":
+            handler.wfile.write(data)
 
     def __enter__(self) -> Self:
         self._thread.start()
+        self._started()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self._stopped()

@@ -49,12 +49,40 @@ def test_the_converter_table_is_read_from_the_pinned_sources() -> None:
     assert len(table) > 50
 
 
-def test_known_hash_is_recognised(bpe_root: Path) -> None:
+def converter_hash(model_dir: Path, source_dir: Path) -> str:
+    """The BPE pre-tokenizer hash the converter under ``source_dir`` computes for ``model_dir`` (its recipe)."""
     from transformers import AutoTokenizer
 
-    chktxt, table = tc.converter_pre_tokenizers(pinned_toolchain().source_dir)
-    ids = AutoTokenizer.from_pretrained(str(bpe_root / "base")).encode(chktxt)
-    ours = hashlib.sha256(str(ids).encode()).hexdigest()
+    chktxt, _ = tc.converter_pre_tokenizers(source_dir)
+    return hashlib.sha256(str(AutoTokenizer.from_pretrained(str(model_dir)).encode(chktxt)).encode()).hexdigest()
+
+
+def test_known_hash_is_recognised(bpe_root: Path, tmp_path: Path) -> None:
+    """A converter whose table lists the tiny BPE vocab's hash: the name comes from the table, no mapping needed.
+
+    The pinned table cannot know a vocab made up for the tests, so the hash is added to a copy of the converter
+    sources, as ``convert_hf_to_gguf_update.py`` adds one upstream.
+    """
+    pinned = pinned_toolchain().source_dir
+    ours = converter_hash(bpe_root / "base", pinned)
+    shutil.copytree(pinned / "conversion", tmp_path / "conversion")
+    shutil.copyfile(pinned / "convert_hf_to_gguf.py", tmp_path / "convert_hf_to_gguf.py")
+    base = tmp_path / "conversion" / "base.py"
+    anchor = "        res = None\n"
+    assert base.read_text().count(anchor) == 1, "the pinned get_vocab_base_pre() changed its layout"
+    base.write_text(base.read_text().replace(anchor, f'{anchor}        if chkhsh == "{ours}":\n'
+                                                          '            res = "tiny-test-bpe"\n'))
+    assert tc.converter_pre_tokenizers(tmp_path)[1][ours] == "tiny-test-bpe"
+    for mapping in (None, "qwen2"):  # a known hash is never overridden by quantize.pre_tokenizer
+        result = tc.check_pre_tokenizer(bpe_root / "base", tmp_path, mapping)
+        assert {k: result[k] for k in ("kind", "chkhsh", "name", "mapped")} == {
+            "kind": "bpe", "chkhsh": ours, "name": "tiny-test-bpe", "mapped": False}, mapping
+        assert result["architecture"] == "LlamaForCausalLM" and result["route"] == "llama"
+
+
+def test_an_unknown_hash_is_taken_under_the_mapped_name(bpe_root: Path) -> None:
+    _, table = tc.converter_pre_tokenizers(pinned_toolchain().source_dir)
+    ours = converter_hash(bpe_root / "base", pinned_toolchain().source_dir)
     assert ours not in table  # the tiny BPE vocab is unknown to llama.cpp: the trap is real
     result = tc.check_pre_tokenizer(bpe_root / "base", pinned_toolchain().source_dir, "qwen2")
     assert {k: result[k] for k in ("kind", "chkhsh", "name", "mapped")} == {

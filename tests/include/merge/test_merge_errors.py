@@ -262,6 +262,7 @@ def test_unsloth_backend_needs_cuda(models: dict[str, Path], tmp_path: Path) -> 
     assert_left_nothing(tmp_path / "u")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(cuda_status() is not None, reason=f"unsloth merge needs CUDA: {cuda_status()}")
 def test_unsloth_backend_merges_on_gpu(models: dict[str, Path], tmp_path: Path) -> None:  # pragma: no cover
     result = merge_model(models["llama16"], models["r8_a16"], tmp_path / "u", backend="unsloth")

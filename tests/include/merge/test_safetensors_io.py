@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -16,6 +19,7 @@ from include.errors import SafetensorsFormatError
 from include.merge.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
+    TensorInfo,
     TensorSpec,
     iter_tensor_bytes,
     iter_tensor_chunks,
@@ -203,15 +207,40 @@ def test_model_dir_listing_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kernel_copy", [True, False])
 def test_copy_tensor_in_kernel_or_through_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  kernel_copy: bool) -> None:
+    """With copy_file_range every byte moves in the kernel; without it (ENOTSUP) every byte goes through memory.
+
+    Both paths are observed, not replaced: ``os.copy_file_range`` and the writer's ``iter_tensor_bytes`` are
+    wrapped to record what they moved and call through to the real functions (the fallback case makes the
+    kernel call fail, as on an old kernel or a filesystem without it).
+    """
+    import include.merge.writer as writer_module
+
     ref = reference_tensors()
     save_file(ref, tmp_path / "src.safetensors")
     infos, _ = read_header(tmp_path / "src.safetensors")
-    if not kernel_copy:  # e.g. an old kernel or a filesystem without copy_file_range
+    total = sum(info.nbytes for info in infos.values())
+    in_kernel: list[int] = []  # bytes per successful copy_file_range call
+    refused: list[OSError] = []
+    through_memory: list[int] = []  # bytes per tensor (rest) read by the fallback
+    real_copy, real_iter = os.copy_file_range, writer_module.iter_tensor_bytes
 
-        def unsupported(*args: object) -> int:
-            raise OSError(95, "Operation not supported")
+    def observed_copy(*args: int) -> int:
+        try:
+            if not kernel_copy:
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+            n = real_copy(*args)
+        except OSError as error:
+            refused.append(error)
+            raise
+        in_kernel.append(n)
+        return n
 
-        monkeypatch.setattr("include.merge.writer.os.copy_file_range", unsupported)
+    def observed_iter(info: TensorInfo, *args: int, **kwargs: int) -> Iterator[np.ndarray]:
+        through_memory.append(info.nbytes)
+        return real_iter(info, *args, **kwargs)
+
+    monkeypatch.setattr(writer_module.os, "copy_file_range", observed_copy)
+    monkeypatch.setattr(writer_module, "iter_tensor_bytes", observed_iter)
     out = tmp_path / "out"
     out.mkdir()
     specs = [TensorSpec(n, i.dtype, i.shape) for n, i in infos.items()]
@@ -225,3 +254,10 @@ def test_copy_tensor_in_kernel_or_through_memory(tmp_path: Path, monkeypatch: py
             ShardedWriter(tmp_path / "x", [TensorSpec("a.f32", "BF16", (64, 48))]) as writer:
         writer.copy_tensor("a.f32", infos["a.f32"])
     assert list((tmp_path / "x").iterdir()) == []  # the partial file is removed
+    if kernel_copy:
+        if refused:
+            pytest.skip(f"copy_file_range is refused under {tmp_path}: {refused[0]}")
+        assert sum(in_kernel) == total and through_memory == []
+    else:
+        assert len(refused) == sum(1 for info in infos.values() if info.nbytes)  # tried once per non-empty tensor
+        assert in_kernel == [] and sum(through_memory) == total

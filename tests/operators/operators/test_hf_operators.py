@@ -14,6 +14,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException, T
 from include.store.hashing import sha256_file
 from operators.triggers.hf_space import HFSpaceRuntimeTrigger
 from tests.operators.operators.test_lmstudio_operators import register
+from tests.secrets_scan import assert_no_secrets
 
 MODEL = "majora"
 T1, T2 = "2026-11-01T03:00:00+00:00", "2026-11-02T03:00:00+00:00"
@@ -66,6 +67,11 @@ def build_dag(dag_id: str, *, files: list[dict], version: str, when: str, hf: di
 
 def run(dag: Any) -> tuple[str, dict[str, tuple[str, Any]], dict[str, Any]]:
     """Run the DAG; return its state, ``{task_id: (state, return_value)}`` and the stored link XComs."""
+    return run_with_dag_run(dag)[1:]
+
+
+def run_with_dag_run(dag: Any) -> tuple[Any, str, dict[str, tuple[str, Any]], dict[str, Any]]:
+    """:func:`run`, with the DagRun first (its run id, its task instances)."""
     register(dag)
     dag_run = dag.test()
     out, links = {}, {}
@@ -75,7 +81,7 @@ def run(dag: Any) -> tuple[str, dict[str, tuple[str, Any]], dict[str, Any]]:
             value = ti.xcom_pull(task_ids=ti.task_id, key=key)
             if value is not None:
                 links[f"{ti.task_id}{key}"] = value
-    return str(dag_run.state), out, links
+    return dag_run, str(dag_run.state), out, links
 
 
 def test_publish_then_space_ready_in_a_dag_with_links_and_no_token_anywhere(hf_env, tmp_path, caplog, capfd):
@@ -83,8 +89,8 @@ def test_publish_then_space_ready_in_a_dag_with_links_and_no_token_anywhere(hf_e
     caplog.set_level("INFO")
     hf = settings(hub)
 
-    state, out, links = run(build_dag("hf_publish_ok", files=ggufs(tmp_path, "a"), version="checkpoint-20",
-                                      when=T1, hf=hf))
+    dag_run, state, out, links = run_with_dag_run(build_dag("hf_publish_ok", files=ggufs(tmp_path, "a"),
+                                                            version="checkpoint-20", when=T1, hf=hf))
 
     assert state == "success", out
     record = out["publish"][1]
@@ -97,31 +103,35 @@ def test_publish_then_space_ready_in_a_dag_with_links_and_no_token_anywhere(hf_e
     space = hub.repo(hf["space_id"], "space")
     assert set(space.secrets) == {"HF_TOKEN"} and space.variables["MODEL_FILE"]["value"] == f"{MODEL}-Q4_K_M.gguf"
     captured = capfd.readouterr()
-    logs = caplog.text + captured.out + captured.err + "".join(
-        p.read_text(errors="replace") for p in (Path.cwd() / "logs").rglob("*") if p.is_file())
-    assert "published" in logs or "publishing" in logs
-    assert hub.token not in logs
-    assert hub.token not in json.dumps(out) + json.dumps(links)
-    for repo in hub.repos.values():
-        for commit in repo.commits:
-            assert all(hub.token.encode() not in blob.content for blob in commit.files.values())
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        stored = [str(x.value) for x in session.query(XComModel).filter(XComModel.dag_id == "hf_publish_ok")]
-    assert stored and not any(hub.token in value for value in stored)
+    # dag.test() runs the tasks in-process: their log is the captured output (no file under $AIRFLOW_HOME/logs).
+    assert "published" in captured.out or "publishing" in captured.out
+    report = assert_no_secrets({"Hub token": hub.token}, dag_ids="hf_publish_ok", run_ids=[dag_run.run_id],
+                               captured={"stdout": captured.out, "stderr": captured.err, "caplog": caplog.text},
+                               hub=hub)
+    assert report.read["XCom"] >= 5 and report.read["rendered task fields"] == 2 and report.read["Hub file"] >= 5
 
 
-def test_build_error_fails_space_ready_with_the_stage_message(hf_env, tmp_path):
+def test_build_error_fails_space_ready_with_the_stage_message(hf_env, tmp_path, capfd):
     hub = hf_env
     hub.space_build_stages = ["BUILDING", "BUILD_ERROR"]
     hub.space_error_message = "Build failed: llama-cpp-python wheel"
+    timeout_s = 30  # the sensor needs well under a second here: a sensor ignoring BUILD_ERROR would wait all of it
 
-    state, out, _ = run(build_dag("hf_publish_build_error", files=ggufs(tmp_path, "a"), version="1", when=T1,
-                                  hf=settings(hub)))
+    dag_run, state, out, _ = run_with_dag_run(build_dag(
+        "hf_publish_build_error", files=ggufs(tmp_path, "a"), version="1", when=T1,
+        hf=settings(hub, space_timeout_s=timeout_s)))
 
     assert state == "failed" and out["publish"][0] == "success" and out["space_ready"][0] == "failed"
+    log = capfd.readouterr().out
+    space_id = f"{hub.user}/{MODEL}-chat"
+    assert (f"AirflowFailException: model 'majora': Space {space_id} is BUILD_ERROR: Build failed: llama-cpp-python "
+            f"wheel. Fix: open {hub.url}/spaces/{space_id} (Logs tab)") in log
+    assert "did not reach RUNNING" not in log
+    polls = [path for method, path in hub.requests if method == "GET" and path.endswith(f"{space_id}/runtime")]
+    assert len(polls) == 2, "the sensor must stop at the first BUILD_ERROR it reads"
+    ready = dag_run.get_task_instance("space_ready")
+    waited = (ready.end_date - ready.start_date).total_seconds()
+    assert ready.try_number == 1 and waited * 5 <= timeout_s, f"space_ready took {waited:.1f} s of {timeout_s} s"
 
 
 def test_backfill_run_skips_space_ready_and_no_hf_section_skips_both(hf_env, tmp_path):
@@ -152,6 +162,8 @@ def test_bad_token_fails_publish_at_once_with_the_fix(hf_env, tmp_path, monkeypa
     text = str(caught.value)
     assert "HTTP 401" in text and "Invalid credentials" in text and "'write' role" in text
     assert "hf_wrong_0123456789" not in text and hub.repos == {}
+    # huggingface_hub follows a refused create with one repo read; neither is retried (max_retries=2)
+    assert hub.responses == [("POST", "/api/repos/create", 401), ("GET", f"/api/models/{hub.user}/{MODEL}-GGUF", 401)]
 
 
 def published(hub: Any, **over: Any) -> dict[str, Any]:
@@ -177,9 +189,10 @@ def sensor(hub: Any, **over: Any) -> Any:
 
 def test_deferrable_sensor_defers_with_a_serializable_trigger_without_the_token(hf_env, tmp_path):
     hub = hf_env
+    hub.space_build_stages = ["BUILDING", "BUILDING", "RUNNING"]
     make_space(hub, tmp_path)
 
-    with pytest.raises(TaskDeferred) as deferred:
+    with pytest.raises(TaskDeferred) as deferred:  # its own first read sees BUILDING: it defers
         sensor(hub, settings={"deferrable": True}).execute({})
 
     assert deferred.value.method_name == "execute_complete"
@@ -190,6 +203,16 @@ def test_deferrable_sensor_defers_with_a_serializable_trigger_without_the_token(
     assert event["status"] == "running" and event["stage"] == "RUNNING" and event["polls"] == 2
     done = sensor(hub, settings={"deferrable": True}).execute_complete({}, event)
     assert done["stage"] == "RUNNING" and done["url"].endswith(f"/spaces/{hub.user}/{MODEL}-chat")
+
+
+def test_deferrable_sensor_reads_once_before_deferring_and_needs_no_triggerer_for_a_running_space(hf_env, tmp_path):
+    hub = hf_env
+    hub.space_build_stages = ["RUNNING"]
+    make_space(hub, tmp_path)
+
+    done = sensor(hub, settings={"deferrable": True}).execute({})  # no TaskDeferred: the Space already runs
+
+    assert done["stage"] == "RUNNING" and done["space_id"] == f"{hub.user}/{MODEL}-chat"
 
 
 async def first_event(trigger: HFSpaceRuntimeTrigger) -> dict[str, Any]:
@@ -203,7 +226,7 @@ def trigger(hub: Any, **over: Any) -> HFSpaceRuntimeTrigger:
                                     "endpoint": None, "timeout_s": 5.0, "poke_interval_s": 0.1, **over})
 
 
-def test_trigger_reports_build_error_with_its_message_and_times_out(hf_env, tmp_path):
+def test_trigger_reports_an_error_stage_with_its_message_and_times_out(hf_env, tmp_path):
     hub = hf_env
     hub.space_build_stages = ["BUILDING", "RUNTIME_ERROR"]
     hub.space_error_message = "ValueError: MODEL_FILE not found"
@@ -236,13 +259,19 @@ def test_poking_sensor_fails_at_once_on_build_error(hf_env, tmp_path):
         waiting.poke({})
 
 
-@pytest.mark.parametrize("record", [None, {"space_id": None, "main_moved": True}, {"space_id": "a/b"}])
-def test_sensor_skips_without_a_space_or_when_main_did_not_move(hf_env, record):
+@pytest.mark.parametrize(("record", "reason"), [
+    (None, "model 'majora' has no `hf` section: no Space to wait for"),
+    ({"space_id": None, "main_moved": True}, "model 'majora' has no Space: nothing to wait for"),
+    ({"space_id": "a/b"}, "model 'majora': main did not move (backfill or no-op): the Space was not changed"),
+])
+def test_sensor_skips_without_a_space_or_when_main_did_not_move(hf_env, record, reason):
     from operators.sensors.hf_space import HFSpaceRuntimeSensor
 
-    with pytest.raises(AirflowSkipException):
+    with pytest.raises(AirflowSkipException) as skipped:
         HFSpaceRuntimeSensor(task_id="s", model=MODEL, published=record or {}, settings=None if record is None
                              else settings(hf_env)).execute({})
+    assert str(skipped.value) == reason
+    assert hf_env.requests == []
 
 
 def test_publish_without_a_token_names_the_connection_and_hf_token(hub, tmp_path, monkeypatch, airflow_db):
