@@ -71,6 +71,8 @@ def airflow(tmp_path_factory, demo_inputs):
 
 def test_pools_command_creates_keeps_then_resizes_the_pool(airflow, tmp_path):
     services, config = airflow
+    # Start without the pool, whichever test of this module ran first (the other one creates it too).
+    assert services.api("DELETE", f"/pools/{POOL}").status_code in (204, 404)
     assert f"pool {POOL}: created with {BUDGET_MB} slots" in apply_pools(services, config)
     assert f"pool {POOL}: {BUDGET_MB} slots (unchanged)" in apply_pools(services, config)
     pool = services.api("GET", f"/pools/{POOL}").json()
