@@ -18,6 +18,7 @@ from tests.conftest import ROOT
 MERGE_INPUTS = {"adapter": "checkpoint-20", "base": "demo", "backend": "streaming"}
 CONVERT_INPUTS = {"merged": "demo-base", "outtype": "f16"}
 
+# The merge is held half way through its output (not slowed): the kill lands there every time.
 SLOW_MERGE = """
 import json, sys, time
 from pathlib import Path
@@ -27,21 +28,32 @@ from include.store.artifacts import ArtifactStore
 include.merge.arithmetic.BLOCK_BYTES = 8192
 real = include.merge.streaming.output_jobs
 def slow(*args):
-    for chunk in real(*args):
-        time.sleep(0.005)
+    for done, chunk in enumerate(real(*args)):
         yield chunk
+        if done == 3:  # held half way: the writer has written 4 chunks to the partial file and waits for more
+            time.sleep(3600)
 include.merge.streaming.output_jobs = slow
 root, base, adapter = map(Path, sys.argv[1:4])
 ArtifactStore(root).build("m", "merged", json.loads(sys.argv[4]), lambda tmp: merge_model(
     base, adapter, tmp, backend="streaming", max_shard_bytes=1 << 20))
 """
 
+# The build is held once the converter has written its staged output and exited, before the build checks and
+# publishes it: the kill lands there every time, however fast the tiny model converts or however loaded the
+# machine is (a kill timed against the converter's own writing could lose the race).
 CONVERT = """
-import json, sys
+import json, sys, time
 from pathlib import Path
+import include.gguf.convert
 from include.gguf.convert import convert_to_gguf
 from include.gguf.toolchain import pinned_toolchain
 from include.store.artifacts import ArtifactStore
+real = include.gguf.convert.run_streaming
+def held(*args, **kwargs):
+    result = real(*args, **kwargs)
+    time.sleep(3600)
+    return result
+include.gguf.convert.run_streaming = held
 root, base = map(Path, sys.argv[1:3])
 ArtifactStore(root).build("m", "gguf", json.loads(sys.argv[3]), lambda tmp: {
     "gguf": convert_to_gguf(base, tmp / "m-F16.gguf", toolchain=pinned_toolchain()).as_record()})
@@ -62,6 +74,26 @@ def kill_when(code: str, args: list[str], ready: Callable[[], bool], timeout_s: 
         if proc.returncode is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+            wait_group_gone(proc.pid)
+
+
+def wait_group_gone(pgid: int, timeout_s: float = 10) -> None:
+    """Wait until no live process of group ``pgid`` is left (zombies count as gone). A retry comes after the killed
+    task is dead, its tools too: a tool still dying would still hold what it held (an inherited lock, a file)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":  # fields after "(comm)": state, ppid, pgrp, ...
+                alive.append(stat.parent.name)
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"processes {alive} of the killed group {pgid} are still alive"
+        time.sleep(0.01)
 
 
 def hidden(directory: Path) -> list[str]:
@@ -93,7 +125,7 @@ def test_kill_9_mid_convert_then_the_retry_leaves_nothing_behind(tmp_path: Path,
 
     stage = tmp_path / "m" / "gguf"
     kill_when(CONVERT, [str(tmp_path), str(demo_inputs.base), json.dumps(CONVERT_INPUTS)],
-              lambda: any(stage.glob(".*.tmp-*/out/.m-F16.gguf.part-*")))  # the converter is starting up
+              lambda: any(stage.glob(".*.tmp-*/out/.m-F16.gguf.part-*")))  # the build is held: no race
     left = hidden(stage)
     assert any(".part-" in n for n in left) and any(".tmp-" in n for n in left), left
 
