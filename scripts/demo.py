@@ -94,7 +94,8 @@ class TaskLinePrinter:
         self.dag = dag
         self.started: dict[tuple[str, int], float] = {}
         self.printed: set[tuple[str, int]] = set()
-        self.records: dict[str, Any] = {}
+        self.records: dict[str, Any] = {}  # the XCom record of each unmapped task that succeeded
+        self.order = {task.task_id: i for i, task in enumerate(dag.topological_sort())}
 
     def _print(self, task_id: str, map_index: int, state: str, record: Any = None, error: str | None = None,
                label: str | None = None) -> None:
@@ -127,8 +128,7 @@ class TaskLinePrinter:
             rows = session.query(TaskInstance.task_id, TaskInstance.map_index, TaskInstance.state,
                                  TaskInstance.rendered_map_index).filter(
                 TaskInstance.dag_id == self.dag.dag_id, TaskInstance.run_id == run_id).all()
-        order = {task_id: i for i, task_id in enumerate(t.task_id for t in self.dag.topological_sort())}
-        for task_id, map_index, state, label in sorted(rows, key=lambda r: (order.get(r[0], 0), r[1])):
+        for task_id, map_index, state, label in sorted(rows, key=lambda r: (self.order.get(r[0], 0), r[1])):
             if state and str(state) in FINISHED and (task_id, map_index) not in self.printed:
                 self._print(task_id, map_index, str(state), label=label)
 
@@ -184,11 +184,7 @@ def run_dag(conf: dict[str, object], out: TextIO) -> tuple[str, dict[str, Any]]:
     get_listener_manager().add_listener(printer)
     dag_run = dag.test(run_conf=conf)
     printer.flush(dag_run.run_id)
-    records: dict[str, Any] = {}
-    for ti in dag_run.get_task_instances():
-        if ti.map_index < 0 and str(ti.state) == "success":
-            records[ti.task_id] = ti.xcom_pull(task_ids=ti.task_id)
-    return str(dag_run.state), records
+    return str(dag_run.state), printer.records
 
 
 def first_run_notes(home: Path) -> list[str]:
